@@ -1,0 +1,1 @@
+"""The engine: requests in, tokens out. io.py is the boundary every chapter shares."""

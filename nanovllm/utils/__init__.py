@@ -1,0 +1,1 @@
+"""Plumbing: loading weights and tokenizers from Hugging Face folders and llama2.c checkpoints."""

@@ -1,0 +1,126 @@
+"""Finds a model (Hugging Face folder, llama2.c checkpoint, or a short name), builds the decoder and loads its weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from nanovllm.config import ModelConfig
+from nanovllm.errors import ModelFormatError
+from nanovllm.layers.rotary import rope_inv_freq
+from nanovllm.models import DecoderForCausalLM
+from nanovllm.utils.llama2c import read_llama2c
+from nanovllm.utils.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHORT_NAMES = {"default": ASSETS / "default"}  # models that ship inside the package
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: Path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # the safe default on CPU: bf16 matmuls are slow on many CPUs
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_state_dict_into(model: DecoderForCausalLM, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy checkpoint tensors into the model, checking names and shapes; a tied lm_head may be absent."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.config.tie_word_embeddings
+    for name, tensor in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):  # older checkpoints store this derived buffer
+            continue
+        if name not in params:
+            raise ModelFormatError(f"{source}: unexpected tensor {name!r} for {model.config.architecture}")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ModelFormatError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(params[name].shape)}"
+            )
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    missing = [n for n in params if n not in tensors and not (tied and n == "lm_head.weight")]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelFormatError(f"{source}: missing tensors {missing[:3]}{more}")
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{folder}: no *.safetensors weight files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    tensors[name] = st.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFormatError(f"{f}: unreadable safetensors file ({e})") from e
+    return tensors
+
+
+def find_llama2c(path: Path) -> tuple[Path, Path] | None:
+    """(checkpoint.bin, tokenizer.bin) when `path` is a llama2.c checkpoint or a folder holding one."""
+    if path.is_file() and path.suffix == ".bin":
+        ckpt, folder = path, path.parent
+    elif path.is_dir() and not (path / "config.json").exists():
+        bins = [p for p in path.glob("*.bin") if not p.name.startswith("tok")]
+        if len(bins) != 1:
+            return None
+        ckpt, folder = bins[0], path
+    else:
+        return None
+    toks = sorted(folder.glob("tok*.bin"))
+    if not toks:
+        raise ModelFormatError(f"{ckpt}: a llama2.c checkpoint needs its tokenizer (tok*.bin) beside it")
+    return ckpt, toks[0]
+
+
+def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a model by short name ('default'), Hugging Face folder, or llama2.c checkpoint."""
+    path = SHORT_NAMES.get(str(model), Path(model))
+    if not path.exists():
+        hint = " (short names: " + ", ".join(SHORT_NAMES) + ")"
+        raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder{hint}")
+    torch_dtype = resolve_dtype(dtype)
+    llama2c = find_llama2c(path)
+    if llama2c is not None:
+        hf_config, tensors = read_llama2c(llama2c[0])
+        cfg = ModelConfig.from_dict(hf_config, source=str(llama2c[0]))
+        tokenizer: Tokenizer = Llama2cTokenizer(llama2c[1], cfg.vocab_size)
+        source = str(llama2c[0])
+    elif path.is_dir():
+        cfg = ModelConfig.from_folder(path)
+        tensors = read_safetensors(path)
+        tokenizer = HFTokenizer(path)
+        source = str(path)
+    else:
+        raise ModelFormatError(f"{path}: neither a Hugging Face model folder nor a llama2.c .bin checkpoint")
+    if cfg.eos_token_ids:
+        tokenizer.eos_token_ids = cfg.eos_token_ids
+    with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
+        net = DecoderForCausalLM(cfg)
+    net.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
+        net.lm_head.weight = net.model.embed_tokens.weight
+    net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    load_state_dict_into(net, tensors, source)
+    return LoadedModel(net.to(torch_dtype).eval(), cfg, tokenizer, path)
