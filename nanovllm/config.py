@@ -61,7 +61,13 @@ class ModelConfig:
                 f"{source}: architectures {archs or '(missing)'} is not supported; "
                 f"nano-vLLM supports {', '.join(ARCHITECTURES)}"
             )
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if not isinstance(hf.get(key), int) or hf[key] <= 0:
                 raise ModelFormatError(f"{source}: '{key}' must be a positive integer, got {hf.get(key)!r}")
         if hf.get("hidden_act", "silu") != "silu":

@@ -1,4 +1,4 @@
-"""Builds the tiny seeded test models (one per family) with transformers, and records transformers' outputs as the oracle.
+"""Builds the tiny seeded test models (one per family) with transformers, and records transformers' outputs.
 
     python tools/make_tiny_models.py            # writes tests/models/tiny-*/ and tests/models/oracle.json
 
@@ -26,27 +26,53 @@ OUT = Path(__file__).resolve().parent.parent / "tests" / "models"
 PROMPTS = ["Once upon a time", "The cat sat on the mat and", "KV caches make decoding fast because"]
 MAX_NEW_TOKENS = 24
 
-CORPUS = """Once upon a time there was a little cat who sat on the mat.
+CORPUS = (
+    """Once upon a time there was a little cat who sat on the mat.
 The cat liked the sun, and the sun liked the cat. Every day they played in the garden.
 A language model predicts the next token from the tokens before it.
 Attention lets every token look at the tokens that came before, and the KV cache keeps their keys and values.
 Decoding one token at a time is fast when nothing has to be computed twice.
-""" * 4
+"""
+    * 4
+)
 
-COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 FAMILIES = {
     # plain Llama 2 shape: GQA 4 -> 2, untied embeddings
     "tiny-llama": (LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False)),
     # Llama 3: llama3 RoPE scaling, a large theta, tied embeddings, full multi-head attention
-    "tiny-llama3": (LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500000.0,
-                                      rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                                                    "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 64})),
+    "tiny-llama3": (
+        LlamaConfig,
+        dict(
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     # Mistral: GQA 4 -> 1 (multi-query), sliding window wider than the context
-    "tiny-mistral": (MistralConfig, dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=4096)),
+    "tiny-mistral": (
+        MistralConfig,
+        dict(num_key_value_heads=1, tie_word_embeddings=False, sliding_window=4096),
+    ),
     # Qwen2: bias on q, k, v; tied embeddings
     "tiny-qwen2": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
     # Qwen3: RMSNorm on q and k per head; head_dim 32 though hidden / heads = 16
@@ -58,8 +84,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=COMMON["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=COMMON["vocab_size"],
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS.splitlines(), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -85,10 +115,21 @@ def oracle(model, tokenizer) -> dict:
     for text in PROMPTS:
         ids = tokenizer(text, return_tensors="pt").input_ids
         logits = model(ids).logits[0, -1].float()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=MAX_NEW_TOKENS, pad_token_id=0)
-        cases.append({"prompt": text, "prompt_ids": ids[0].tolist(), "greedy": out[0, ids.shape[1]:].tolist(),
-                      "last_logits": [round(x, 6) for x in logits.tolist()]})
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            pad_token_id=0,
+        )
+        cases.append(
+            {
+                "prompt": text,
+                "prompt_ids": ids[0].tolist(),
+                "greedy": out[0, ids.shape[1] :].tolist(),
+                "last_logits": [round(x, 6) for x in logits.tolist()],
+            }
+        )
     return {"max_new_tokens": MAX_NEW_TOKENS, "cases": cases}
 
 

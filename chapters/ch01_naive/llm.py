@@ -14,8 +14,16 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import load_model
 
 # Chapter 4 brings these; a chapter that silently ignored them would sample from the wrong distribution.
-LATER_SAMPLING_FIELDS = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                         "frequency_penalty", "stop", "include_stop_str_in_output")
+LATER_SAMPLING_FIELDS = (
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "include_stop_str_in_output",
+)
 
 
 def no_cache_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,8 +96,14 @@ def naive_generate(
 class LLM:
     """Chapter 1's engine: prompts are generated one after another, each by the naive loop."""
 
-    def __init__(self, model: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
-                 max_model_len: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model: str,
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
         loaded = load_model(model, dtype=dtype, device=device)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
@@ -102,8 +116,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len,
-                                self.config.vocab_size)
+        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
         for _, params in inputs:
             later = params.non_default(LATER_SAMPLING_FIELDS)
             if later:
@@ -113,7 +126,8 @@ class LLM:
             gen = self.generator
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
-            tokens, reason = naive_generate(self.model, prompt, params, self.tokenizer.eos_token_ids,
-                                            self.max_model_len, gen)
+            tokens, reason = naive_generate(
+                self.model, prompt, params, self.tokenizer.eos_token_ids, self.max_model_len, gen
+            )
             outputs.append(make_output(self.tokenizer, prompt, tokens, reason))
         return outputs

@@ -9,7 +9,7 @@ from nanovllm.errors import PromptTooLongError
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.tokenizer import Tokenizer, incremental_text
 
-Prompt = Union[str, list[int]]
+Prompt = Union[str, list[int]]  # noqa: UP007 (a runtime alias: `|` needs Python 3.10 objects)
 
 
 def prepare_inputs(

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), written from scratch with Hugging Face's weight names."""
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), from scratch, with Hugging Face weight names."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Finds a model (Hugging Face folder, llama2.c checkpoint, or a short name), builds the decoder and loads its weights."""
+"""Finds a model (Hugging Face folder, llama2.c checkpoint, short name), builds the decoder, loads its weights."""
 
 from __future__ import annotations
 
@@ -18,8 +18,14 @@ from nanovllm.utils.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHORT_NAMES = {"default": ASSETS / "default"}  # models that ship inside the package
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass

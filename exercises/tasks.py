@@ -1,0 +1,41 @@
+"""The exercise tasks of every chapter: the one table the stub generator, the tests and the book share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    chapter: str  # "ch01"
+    number: int  # task N of the chapter, as in the prose, the stub's error and the test name
+    name: str  # the function to write
+    module: str  # where the reference lives
+    summary: str  # one line for the stub's NotImplementedError
+
+    @property
+    def exercise_module(self) -> str:
+        """The learner's file: exercises/<chapter>/<the reference file's name>."""
+        return f"exercises.{self.chapter}.{self.module.rsplit('.', 1)[1]}"
+
+    @property
+    def message(self) -> str:
+        return f"{self.chapter} task {self.number}: {self.summary}"
+
+
+TASKS: dict[str, list[Task]] = {
+    "ch01": [
+        Task("ch01", 1, "rms_norm", "nanovllm.layers.norm", "RMSNorm, normalise by the root mean square"),
+        Task("ch01", 2, "apply_rotary", "nanovllm.layers.rotary", "rotate q/k channel pairs by RoPE angles"),
+        Task("ch01", 3, "silu_and_mul", "nanovllm.layers.activation", "the SwiGLU gate silu(gate) * up"),
+        Task(
+            "ch01",
+            4,
+            "causal_attention",
+            "nanovllm.layers.attention",
+            "causal attention with grouped KV heads",
+        ),
+        Task("ch01", 5, "sample_token", "chapters.ch01_naive.llm", "greedy or temperature sampling"),
+        Task("ch01", 6, "naive_generate", "chapters.ch01_naive.llm", "the naive generation loop"),
+    ],
+}

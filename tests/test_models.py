@@ -1,0 +1,176 @@
+"""The model zoo and its loaders: transformers still reproduces the stored oracle, stories260K matches llama2.c."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES, TINY_MODELS
+from nanovllm.errors import ModelFormatError, UnsupportedArchitectureError
+from nanovllm.utils.loader import load_model
+
+pytestmark = pytest.mark.ch01
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_still_reproduces_the_stored_oracle(oracle, family):
+    """The stored tokens learners check against really are what transformers generates."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODELS / family, dtype=torch.float32).eval()
+    data = oracle["models"][family]
+    for case in data["cases"]:
+        ids = torch.tensor([case["prompt_ids"]])
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=data["max_new_tokens"],
+                pad_token_id=0,
+            )
+            logits = model(ids).logits[0, -1]
+        assert out[0, ids.shape[1] :].tolist() == case["greedy"]
+        torch.testing.assert_close(logits, torch.tensor(case["last_logits"]), atol=1e-5, rtol=0)
+
+
+def published_stories_text(readme: Path) -> str:
+    """The llama2.c output quoted (indented) under 'Known output' in the model's README."""
+    section = readme.read_text().split("## Known output", 1)[1]
+    return next(line.strip() for line in section.splitlines() if line.startswith("    ") and line.strip())
+
+
+def test_stories260k_reproduces_llama2c_published_text(stories260k):
+    from chapters.ch01_naive import LLM, SamplingParams
+
+    expected = published_stories_text(stories260k / "README.md")
+    llm = LLM(str(stories260k))
+    n = len(llm.tokenizer.encode(expected)) - 1  # tokens of the text, without BOS
+    out = llm.generate([""], SamplingParams(temperature=0.0, max_tokens=n), use_tqdm=False)[0]
+    assert out["text"] == expected
+
+
+def test_llama2c_tokenizer_matches_sentencepiece(stories260k):
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(stories260k / "tok512.model"))
+    tok = load_model(stories260k).tokenizer
+    # llama2.c (and so our tokenizer) skips sentencepiece's whitespace normalisation: no runs of spaces here
+    for text in ["Once upon a time", "Lily's mom said, 'Hi!'", "ünïcode → bytes 42", "a\nnew line"]:
+        assert tok.encode(text) == [1, *sp.encode(text)], text
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_llama2c_checkpoint_agrees_with_transformers_on_the_converted_weights(stories260k, tmp_path):
+    """Our reader's permuted q/k rows give the same logits in transformers' Llama as in ours."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from chapters.ch01_naive.llm import no_cache_attention
+    from nanovllm.utils.llama2c import read_llama2c
+
+    config, state = read_llama2c(stories260k / "stories260K.bin")
+    hf = AutoModelForCausalLM.from_config(LlamaConfig(**config)).eval()
+    hf.load_state_dict(state, strict=False)
+    ours = load_model(stories260k).model
+    ids = torch.tensor([[1, 403, 407, 261, 378, 29]])
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+        got = ours.compute_logits(ours(ids, torch.arange(6)[None], no_cache_attention))[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_and_stays_close(dtype):
+    from chapters.ch01_naive.llm import no_cache_attention
+
+    full, half = load_model(TINY_MODELS / "tiny-qwen3"), load_model(TINY_MODELS / "tiny-qwen3", dtype=dtype)
+    assert half.model.lm_head.weight.dtype == getattr(torch, dtype)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    pos = torch.arange(5)[None]
+    with torch.no_grad():
+        a = full.model.compute_logits(full.model(ids, pos, no_cache_attention))
+        b = half.model.compute_logits(half.model(ids, pos, no_cache_attention))
+    assert (a - b).abs().max() < 0.15 * a.abs().max()
+
+
+# ---- clear errors for bad model folders -------------------------------------------------------------
+
+
+def copy_model(tmp_path: Path, name: str = "tiny-llama") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(TINY_MODELS / name, dest)
+    return dest
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    folder = copy_model(tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelFormatError, match="config.json"):
+        load_model(folder)
+
+
+def test_malformed_config(tmp_path):
+    folder = copy_model(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        load_model(folder)
+
+
+def test_missing_weights(tmp_path):
+    folder = copy_model(tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match="no \\*.safetensors"):
+        load_model(folder)
+
+
+def test_unreadable_weights(tmp_path):
+    folder = copy_model(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelFormatError, match="unreadable safetensors"):
+        load_model(folder)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    folder = copy_model(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match=r"mlp\.\w+_proj\.weight' has shape \(\d+, \d+\), the config implies"):
+        load_model(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_model(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelFormatError, match="missing tensors.*layers.1.mlp.up_proj"):
+        load_model(folder)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    folder = copy_model(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="GPTNeoXForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_model(folder)
+
+
+def test_truncated_llama2c_checkpoint(stories260k, tmp_path):
+    for name in ("stories260K.bin", "tok512.bin"):
+        shutil.copy(stories260k / name, tmp_path / name)
+    data = (tmp_path / "stories260K.bin").read_bytes()
+    (tmp_path / "stories260K.bin").write_bytes(data[:-100])
+    with pytest.raises(ModelFormatError, match="header implies"):
+        load_model(tmp_path)
