@@ -55,12 +55,12 @@ def stub_source(module_name: str, tasks: list[Task]) -> str:
 
 
 def expected_files() -> dict[Path, str]:
-    by_file: dict[str, list[Task]] = defaultdict(list)
+    by_file: dict[tuple[str, str], list[Task]] = defaultdict(list)
     for tasks in TASKS.values():
         for task in tasks:
-            by_file[task.module].append(task)
+            by_file[task.chapter, task.module].append(task)
     files = {}
-    for module_name, tasks in by_file.items():
+    for (_, module_name), tasks in by_file.items():
         path = ROOT / (tasks[0].exercise_module.replace(".", "/") + ".py")
         files[path] = stub_source(module_name, tasks)
         files[path.parent / "__init__.py"] = f'"""Your exercise files for {tasks[0].chapter}."""\n'

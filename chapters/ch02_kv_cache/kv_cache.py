@@ -1,0 +1,82 @@
+"""A contiguous KV cache: per layer, one (rows, max_model_len, Hkv, D) tensor for K and one for V, reserved up front."""
+
+from __future__ import annotations
+
+import torch
+
+from nanovllm.layers.attention import masked_attention
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """Store the new tokens' keys and values in the cache, in place: token t of row b goes to slot positions[b, t].
+
+    A row's slot is its token's position, so the cache of row b holds its sequence in order.
+    Right padding puts padding after the real tokens, where later decode steps overwrite it.
+
+    Args:
+        k_cache, v_cache: (B, max_len, Hkv, D) one layer's cache, one row per sequence.
+        k, v: (B, T, Hkv, D) the new tokens' keys and values.
+        positions: (B, T) each new token's position.
+    """
+    rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(positions)  # (B, T)
+    k_cache[rows, positions] = k
+    v_cache[rows, positions] = v
+
+
+def padded_causal_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Which cache slots each new token may attend to: slot j is visible from position p when j <= p.
+
+    With right padding this causal rule is also the padding mask: every padding slot lies to
+    the right of every real token of its row, so no real query can see one, and a decode
+    step at position p sees exactly the row's p + 1 real tokens.
+
+    Args:
+        positions: (B, T) positions of the new tokens.
+        num_slots: how many cache slots the attention reads (the largest position + 1).
+    Returns:
+        (B, T, num_slots) boolean mask, True where attention is allowed.
+    """
+    slots = torch.arange(num_slots, device=positions.device)  # (S,)
+    return slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
+
+
+class ContiguousKVCache:
+    """The attention backend of chapter 2: every row reserves max_len slots of K and V, used or not."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        rows: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ):
+        shape = (num_layers, rows, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.mask = torch.ones(rows, 1, 1, dtype=torch.bool, device=device)
+        self.batch = rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Set this step's positions (B, T) for B <= rows; the mask is the same for every layer, so build it once."""
+        self.positions, self.batch = positions, positions.shape[0]
+        self.mask = padded_causal_mask(positions, int(positions.max()) + 1)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.k[layer_idx, : self.batch], self.v[layer_idx, : self.batch]
+        write_kv(k_cache, v_cache, k, v, self.positions)
+        S = self.mask.shape[-1]
+        return masked_attention(q, k_cache[:, :S], v_cache[:, :S], self.mask)
