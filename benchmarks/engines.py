@@ -1,0 +1,237 @@
+"""Engines under test: every chapter snapshot that exists (found at run time), transformers, llama.cpp.
+
+Each engine runs a whole workload and reports what it generated and, when it can stream
+(a chapter with add_request/step/has_unfinished), when each request's tokens appeared.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmarks.models import ResolvedModel
+from benchmarks.workloads import Request
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    token_ids: list[list[int]]  # generated tokens, one list per request
+    ttft_s: list[float] | None = None  # per request: submit -> first token (streaming engines only)
+    tpot_s: list[float] | None = None  # per request: (last token - first token) / (n - 1)
+
+
+class Engine:
+    """What the benchmark needs from an engine. Subclasses set `name`, `kind` and implement `run`."""
+
+    name: str = "?"
+    kind: str = "?"  # "chapter", "transformers", "llama.cpp"
+    streams: bool = False  # run() measures per-request TTFT/TPOT itself
+
+    def run(self, requests: list[Request]) -> RunResult:
+        raise NotImplementedError
+
+    def kv_cache_bytes(self, requests: list[Request]) -> int | None:
+        """KV-cache memory the engine holds (or needs) for this workload; None when it cannot be told."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def close(self) -> None:
+        pass
+
+
+def chapter_packages() -> dict[str, str]:
+    """Short name -> package of every chapter snapshot that exists: {'ch01': 'chapters.ch01_naive', ...}."""
+    import chapters
+
+    found = {}
+    for mod in pkgutil.iter_modules(chapters.__path__):
+        if mod.ispkg and mod.name[:2] == "ch" and mod.name[2:4].isdigit():
+            found[mod.name[:4]] = f"chapters.{mod.name}"
+    return dict(sorted(found.items()))
+
+
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def known_engines() -> list[str]:
+    """Every engine name this machine can run now."""
+    return [*chapter_packages(), "transformers", *(["llama.cpp"] if llamacpp_installed() else [])]
+
+
+def canonical_name(name: str) -> str:
+    """'ch01', 'ch01_naive', 'chapters.ch01_naive' -> 'ch01'; 'hf' -> 'transformers'; 'llamacpp' -> 'llama.cpp'."""
+    name = name.strip().removeprefix("chapters.")
+    if name[:2] == "ch" and name[2:4].isdigit():
+        return name[:4]
+    return {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}.get(name, name)
+
+
+def parse_option(text: str) -> tuple[str, str, Any]:
+    """'ch03:kv_cache_memory=2e8' -> ('ch03', 'kv_cache_memory', 200000000.0); values are Python literals or text."""
+    engine, sep, rest = text.partition(":")
+    key, eq, value = rest.partition("=")
+    if not sep or not eq or not key:
+        raise ValueError(f"engine option {text!r} is not ENGINE:KEY=VALUE")
+    return canonical_name(engine), key.strip(), literal(value.strip())
+
+
+def literal(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def create_engine(name: str, model: ResolvedModel, device: str, dtype: str, options: dict[str, Any]) -> Engine:
+    """Load engine `name` on the model; raises EngineUnavailable (with the reason) when it cannot run here."""
+    base = canonical_name(name)
+    if base == "transformers":
+        from benchmarks.hf_engine import TransformersEngine
+
+        return TransformersEngine(model, device, dtype, **options)
+    if base == "llama.cpp":
+        from benchmarks.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(model, device, dtype, **options)
+    packages = chapter_packages()
+    if base not in packages:
+        raise EngineUnavailable(f"{name}: no such engine here (known: {', '.join(known_engines())})")
+    return ChapterEngine(base, packages[base], model, device, dtype, **options)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot run on this machine (not installed, not written yet); the message says why."""
+
+
+class ChapterEngine(Engine):
+    """A chapter snapshot through its public API: `LLM(...)`, `generate`, and (chapter 4 on) `add_request`/`step`."""
+
+    kind = "chapter"
+
+    def __init__(
+        self,
+        name: str,
+        package: str,
+        model: ResolvedModel,
+        device: str,
+        dtype: str,
+        stream: bool = True,
+        **chapter_options: Any,
+    ):
+        mod = importlib.import_module(package)
+        self.name, self.package, self.SamplingParams = name, package, mod.SamplingParams
+        self.llm = mod.LLM(str(model.path), **{"dtype": dtype, "device": device, "seed": 0, **chapter_options})
+        self.options = chapter_options
+        self.streams = stream and all(hasattr(self.llm, a) for a in ("add_request", "step", "has_unfinished"))
+
+    def params(self, r: Request):
+        return self.SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+
+    def run(self, requests: list[Request]) -> RunResult:
+        if self.streams:
+            return self._run_streaming(requests)
+        t0 = time.perf_counter()
+        outs = self.llm.generate([r.prompt for r in requests], [self.params(r) for r in requests], use_tqdm=False)
+        wall = time.perf_counter() - t0
+        return RunResult(wall, [list(o["token_ids"]) for o in outs])
+
+    def _run_streaming(self, requests: list[Request]) -> RunResult:
+        t0 = time.perf_counter()
+        ids = [self.llm.add_request(r.prompt, self.params(r)) for r in requests]
+        index = {rid: i for i, rid in enumerate(ids)}
+        tokens: list[list[int]] = [[] for _ in requests]
+        first = [0.0] * len(requests)
+        last = [0.0] * len(requests)
+        while self.llm.has_unfinished():
+            produced = self.llm.step()
+            now = time.perf_counter()
+            for rid, new in step_tokens(produced):
+                i = index[rid]
+                if new and not tokens[i]:
+                    first[i] = now
+                tokens[i].extend(new)
+                last[i] = now
+        wall = time.perf_counter() - t0
+        ttft = [f - t0 for f in first]
+        tpot = [(la - f) / (len(t) - 1) if len(t) > 1 else 0.0 for f, la, t in zip(first, last, tokens)]
+        return RunResult(wall, tokens, ttft, tpot)
+
+    def kv_cache_bytes(self, requests: list[Request]) -> int | None:
+        if self.name == "ch01":
+            return 0  # no cache: K and V are recomputed every step
+        reported = getattr(self.llm, "kv_cache_bytes", None)
+        if reported is not None:
+            return int(reported() if callable(reported) else reported)
+        return find_kv_tensors_bytes(self.llm)
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "package": self.package, "options": self.options, "streams": self.streams}
+
+
+def step_tokens(produced: Any) -> list[tuple[Any, list[int]]]:
+    """Normalise what `step()` returns to [(request id, new tokens)]: a mapping id -> token(s), or
+    a sequence of (id, token(s)) pairs, or of objects/dicts with a request id and token ids."""
+    if produced is None:
+        return []
+    items = produced.items() if hasattr(produced, "items") else produced
+    out = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) >= 2:
+            rid, new = item[0], item[1]
+        else:
+            get = item.get if isinstance(item, dict) else lambda k, d=None, it=item: getattr(it, k, d)
+            rid = next(get(k) for k in ("request_id", "seq_id", "id") if get(k) is not None)
+            new = next((get(k) for k in ("new_token_ids", "token_ids", "tokens", "token") if get(k) is not None), [])
+        new = [int(new)] if isinstance(new, int) else [int(t) for t in new]
+        out.append((rid, new))
+    return out
+
+
+def find_kv_tensors_bytes(obj: Any, depth: int = 4) -> int | None:
+    """Bytes of tensors kept under attribute names that mention kv / cache, in the engine's objects and in the
+    modules of its model (a fallback for chapters that do not report `kv_cache_bytes`); None when none."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    def walk(o: Any, d: int, named_kv: bool) -> None:
+        if id(o) in seen or d < 0:
+            return
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            if named_kv:
+                add(o)
+        elif isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x, d - 1, named_kv)
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, d - 1, named_kv or _kv_name(str(k)))
+        elif isinstance(o, torch.nn.Module):
+            for m in o.modules():
+                for k, v in [*m._buffers.items(), *vars(m).items()]:
+                    if _kv_name(k) and isinstance(v, (torch.Tensor, list, tuple)):
+                        walk(v, 2, True)
+        elif hasattr(o, "__dict__"):
+            for k, v in vars(o).items():
+                walk(v, d - 1, named_kv or _kv_name(k))
+
+    walk(obj, depth, False)
+    return sum(storages.values()) or None
+
+
+def _kv_name(name: str) -> bool:
+    name = name.lower().strip("_")
+    return "kv" in name or "cache" in name or name in ("k", "v", "keys", "values")

@@ -1,0 +1,176 @@
+"""Runs a benchmark end to end: model, engines, workloads, measurement; returns the result as a JSON-ready dict."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.engines import Engine, EngineUnavailable, canonical_name, create_engine
+from benchmarks.measure import PeakMemory, copy_bandwidth, measure, summarize
+from benchmarks.models import ResolvedModel, resolve_model
+from benchmarks.targets import check_targets
+from benchmarks.workloads import get_spec, make_workload
+
+SCHEMA = "nanovllm-bench/1"
+
+
+@dataclass
+class Settings:
+    model: str = "llama-20m"
+    workloads: list[str] = field(default_factory=lambda: ["decode-1", "mixed"])
+    engines: list[str] = field(default_factory=lambda: ["ch01", "transformers"])
+    baseline: str | None = "transformers"
+    repeats: int = 3
+    warmup_tokens: int | None = 16  # None: warm up on the full workload; 0: no warm-up
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    engine_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine -> {key: value}
+    workload_options: dict[str, Any] = field(default_factory=dict)  # applied to every workload
+    sweeps: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)  # engine -> (key, values)
+    bandwidth: bool = True  # measure copy bandwidth (for the decode roofline)
+
+
+def variant_name(engine: str, key: str, value: Any) -> str:
+    return f"{engine}[{key}={value}]"
+
+
+def plan_engines(s: Settings) -> list[tuple[str, str, dict[str, Any]]]:
+    """(display name, engine, options) for every engine to load; a swept engine becomes one variant per value."""
+    plan = []
+    for raw in s.engines:
+        name = canonical_name(raw)
+        opts = dict(s.engine_options.get(name, {}))
+        if name in s.sweeps:
+            key, values = s.sweeps[name]
+            plan += [(variant_name(name, key, v), name, {**opts, key: v}) for v in values]
+        else:
+            plan.append((name, name, opts))
+    return plan
+
+
+def machine_info(s: Settings, bandwidth: float | None) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": s.device,
+        "device_type": s.device.split(":")[0],
+        "copy_bandwidth_bytes_s": bandwidth,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if s.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(s.device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def weight_bytes_per_step(model: ResolvedModel, dtype: str) -> int:
+    """Bytes of weights one decode step reads: every matrix, and the embedding once (as the LM head when tied;
+    an untied embedding is only indexed, one row per token, so it is not counted)."""
+    cfg = model.config
+    e, v = cfg["hidden_size"], cfg["vocab_size"]
+    from benchmarks.models import param_count
+
+    params = param_count(cfg) - (0 if cfg.get("tie_word_embeddings") else v * e)
+    return params * torch.finfo(getattr(torch, dtype)).bits // 8
+
+
+def run(s: Settings, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    """Run the benchmark `s` describes (torch's thread count is set for the run and restored after it)."""
+    threads = torch.get_num_threads()
+    try:
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        return _run(s, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    model = resolve_model(s.model)
+    bandwidth = copy_bandwidth(s.device) if s.bandwidth else None
+    if bandwidth:
+        log(f"copy bandwidth: {bandwidth / 2**30:.1f} GiB/s")
+    engines: list[Engine] = []
+    loaded: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for display, name, opts in plan_engines(s):
+        try:
+            with PeakMemory(s.device) as mem:
+                engine = create_engine(name, model, s.device, s.dtype, opts)
+        except EngineUnavailable as e:
+            skipped[display] = str(e)
+            log(f"skipping {display}: {e}")
+            continue
+        engine.name = display
+        engines.append(engine)
+        loaded[display] = {**engine.info(), "load_mem_bytes": mem.growth}
+        log(f"loaded {display}")
+    baseline = canonical_name(s.baseline) if s.baseline else None
+    if baseline and baseline not in loaded:
+        log(f"baseline {baseline} is not among the engines run: no ratios")
+        baseline = None
+    step_bytes = weight_bytes_per_step(model, s.dtype)
+    workloads: dict[str, Any] = {}
+    for wl_name in s.workloads:
+        spec = get_spec(wl_name).with_options(**s.workload_options)
+        log(f"workload {spec.name}: {spec.description}")
+
+        def make(variant: int, spec=spec):
+            return make_workload(spec, model.vocab_size, model.max_model_len, model.special_ids, variant)
+
+        m = measure(engines, make, s.repeats, s.warmup_tokens, s.device, log)
+        per_engine = {}
+        for e in engines:
+            row = summarize(m, e.name, baseline)
+            row["kv_cache_bytes"] = e.kv_cache_bytes(m.workload.requests)
+            row["load_mem_bytes"] = loaded[e.name]["load_mem_bytes"]
+            if len(m.workload.requests) == 1 and bandwidth:
+                step = row["tpot_s"]["median"] if row["tpot_s"] else row["wall_s"] / m.workload.output_tokens
+                row["step_time_s"] = step
+                row["roofline_fraction"] = step_bytes / step / bandwidth
+            per_engine[e.name] = row
+        workloads[spec.name] = {**m.workload.summary(), "engines": per_engine}
+        gc.collect()
+    for e in engines:
+        e.close()
+    results = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": machine_info(s, bandwidth),
+        "model": {**model.summary(), "dtype": s.dtype, "weight_bytes_per_decode_step": step_bytes},
+        "settings": {
+            "repeats": s.repeats,
+            "warmup_tokens": s.warmup_tokens,
+            "baseline": baseline,
+            "engine_options": s.engine_options,
+            "workload_options": s.workload_options,
+            "sweeps": {k: {"key": key, "values": v} for k, (key, v) in s.sweeps.items()},
+            "method": "warm-up round (outputs capped at warmup_tokens), then `repeats` rounds running "
+            "every engine in turn; fresh token ids each round, identical for all engines in a "
+            "round; medians over rounds; ratio = median of per-round output tok/s ratios",
+        },
+        "engines": loaded,
+        "skipped": skipped,
+        "workloads": workloads,
+    }
+    results["targets"] = check_targets(results)
+    return results

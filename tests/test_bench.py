@@ -1,0 +1,285 @@
+"""The benchmark's own machinery: seeded workloads, identical prompts per engine, ratio math, JSON schema, plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import cli, report
+from benchmarks.engines import (
+    ChapterEngine,
+    Engine,
+    EngineUnavailable,
+    RunResult,
+    canonical_name,
+    chapter_packages,
+    create_engine,
+    find_kv_tensors_bytes,
+    llamacpp_installed,
+    parse_option,
+    step_tokens,
+)
+from benchmarks.measure import Measured, measure, percentile, ratios, run_metrics, summarize
+from benchmarks.models import ModelSpec, llama, param_count, resolve_model
+from benchmarks.targets import TARGETS, check_targets
+from benchmarks.workloads import WORKLOADS, Request, Workload, get_spec, make_workload
+
+TINY = Path(__file__).resolve().parent / "models" / "tiny-llama"
+
+
+def test_workload_is_seeded_and_identical_for_every_draw():
+    spec = get_spec("mixed")
+    a = make_workload(spec, 1000, 2048, avoid=(0, 1, 2))
+    b = make_workload(spec, 1000, 2048, avoid=(0, 1, 2))
+    assert a.requests == b.requests
+    other = make_workload(spec, 1000, 2048, avoid=(0, 1, 2), variant=1)
+    assert [(len(r.prompt), r.max_tokens) for r in other.requests] == [
+        (len(r.prompt), r.max_tokens) for r in a.requests
+    ], "a variant keeps the shape"
+    assert [r.prompt for r in other.requests] != [r.prompt for r in a.requests], "... with fresh token ids"
+    ids = {t for r in a.requests for t in r.prompt}
+    assert ids.isdisjoint({0, 1, 2}) and max(ids) < 1000
+    lo, hi = spec.prompt_len
+    assert all(lo <= len(r.prompt) <= hi for r in a.requests) and len(a.requests) == spec.num_requests
+
+
+def test_shared_prefix_and_fit_to_context():
+    w = make_workload(get_spec("shared-prefix"), 500, 4096)
+    prefix = w.requests[0].prompt[: w.spec.shared_prefix]
+    assert all(r.prompt[: len(prefix)] == prefix for r in w.requests) and len(prefix) == 192
+    big = make_workload(get_spec("nano-vllm-bench"), 512, 512)  # 1024 + 1024 does not fit 512 tokens
+    assert max(len(r.prompt) + r.max_tokens for r in big.requests) < 512
+    assert big.spec.notes and "scaled" in big.spec.notes[0]
+
+
+def test_workload_options():
+    spec = get_spec("decode-1").with_options(output_len=8, num_requests=2)
+    assert spec.output_len == (8, 8) and spec.num_requests == 2
+    assert get_spec("batch-4").num_requests == 4
+    with pytest.raises(ValueError):
+        get_spec("nope")
+    with pytest.raises(ValueError):
+        spec.with_options(colour=1)
+
+
+class RecordingEngine(Engine):
+    """Returns made-up tokens quickly and remembers every prompt it was given."""
+
+    def __init__(self, name: str, speed: float = 1.0):
+        self.name, self.kind, self.speed, self.seen = name, "fake", speed, []
+
+    def run(self, requests: list[Request]) -> RunResult:
+        self.seen.append([r.prompt for r in requests])
+        return RunResult(1.0 / self.speed, [[7] * r.max_tokens for r in requests])
+
+
+def test_every_engine_gets_identical_prompts_each_round():
+    spec = get_spec("mixed-small")
+    engines = [RecordingEngine("a"), RecordingEngine("b", speed=2.0)]
+    m = measure(
+        engines, lambda v: make_workload(spec, 300, 512, variant=v), repeats=3, warmup_tokens=4, log=lambda s: None
+    )
+    a, b = engines
+    assert a.seen == b.seen and len(a.seen) == 4  # warm-up + 3 rounds
+    assert len({json.dumps(p) for p in a.seen}) == 4, "each round draws fresh token ids"
+    assert m.rounds["a"][0].output_tok_s * 2 == pytest.approx(m.rounds["b"][0].output_tok_s)
+    s = summarize(m, "b", baseline="a")
+    assert s["ratio_vs_baseline"] == pytest.approx(2.0) and s["same_tokens_as_baseline"] == 1.0
+
+
+def _metrics(tok_s: list[float]):
+    w = Workload(get_spec("batch-1"), [Request([5], 10)])
+    return [run_metrics(w, RunResult(10 / t, [[1] * 10])) for t in tok_s]
+
+
+def test_ratio_is_the_median_of_pairwise_rounds():
+    a, b = _metrics([10, 20, 30]), _metrics([5, 10, 60])
+    assert ratios(a, b) == pytest.approx([2.0, 2.0, 0.5])
+    m = Measured(Workload(get_spec("batch-1"), [Request([5], 10)]), rounds={"a": a, "b": b})
+    s = summarize(m, "a", "b")
+    assert s["ratio_vs_baseline"] == pytest.approx(2.0)  # not 20 / 10 from the medians alone
+    assert s["output_tok_s"] == pytest.approx(20.0)
+    xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    assert percentile(xs, 50) == pytest.approx(statistics.median(xs))
+    assert percentile(xs, 99) == pytest.approx(float(torch.quantile(torch.tensor(xs), 0.99)))
+
+
+def test_run_metrics_checks_counts_and_derives_ttft():
+    w = Workload(get_spec("decode-1"), [Request([5, 6], 11)])
+    m = run_metrics(w, RunResult(2.0, [[1] * 11]), ttft_run_s=0.5)
+    assert m.ttft_s == {"median": 0.5, "p99": 0.5} and m.tpot_s["median"] == pytest.approx(0.15)
+    assert m.output_tok_s == pytest.approx(5.5) and m.total_tok_s == pytest.approx(6.5)
+    with pytest.raises(RuntimeError, match="asked for 11"):
+        run_metrics(w, RunResult(1.0, [[1] * 10]))
+
+
+def test_check_targets_reads_pairwise_runs():
+    runs = lambda xs: {"runs": [{"output_tok_s": x} for x in xs]}  # noqa: E731
+    results = {
+        "machine": {"device_type": "cpu"},
+        "workloads": {"decode-1": {"engines": {"ch01": runs([10, 10, 10]), "ch02": runs([60, 40, 70])}}},
+    }
+    (t,) = check_targets(results)
+    assert (t["engine"], t["ratio"], t["met"]) == ("ch02", 6.0, True)
+    assert all(t.workload in WORKLOADS for t in TARGETS)
+
+
+def test_names_and_options():
+    assert canonical_name("chapters.ch01_naive") == "ch01" and canonical_name("hf") == "transformers"
+    assert parse_option("ch03:kv_cache_memory=2e8") == ("ch03", "kv_cache_memory", 2e8)
+    assert parse_option("transformers:attn_implementation=eager")[2] == "eager"
+    assert cli.parse_sweep("ch04_continuous_batching:max_num_batched_tokens=64,128") == (
+        "ch04",
+        "max_num_batched_tokens",
+        [64, 128],
+    )
+    with pytest.raises(ValueError):
+        parse_option("ch03=1")
+    assert chapter_packages()["ch01"] == "chapters.ch01_naive"
+
+
+def test_step_tokens_accepts_the_usual_shapes():
+    assert step_tokens({3: [5, 6], 4: 7}) == [(3, [5, 6]), (4, [7])]
+    assert step_tokens([(3, 5), (4, [7])]) == [(3, [5]), (4, [7])]
+    assert step_tokens([{"request_id": 1, "token_ids": [9]}]) == [(1, [9])]
+    assert step_tokens(None) == []
+
+
+def test_streaming_chapter_engine_measures_ttft_and_tpot(monkeypatch):
+    class LLM:
+        def __init__(self, model, dtype=None, device="cpu", max_model_len=None, seed=0):
+            self.left: dict[int, int] = {}
+
+        def add_request(self, prompt, params):
+            self.left[len(self.left)] = params.max_tokens
+            return len(self.left) - 1
+
+        def has_unfinished(self):
+            return any(self.left.values())
+
+        def step(self):
+            out = {rid: [rid] for rid, n in self.left.items() if n}
+            for rid in out:
+                self.left[rid] -= 1
+            return out
+
+    from nanovllm.sampling_params import SamplingParams
+
+    monkeypatch.setitem(sys.modules, "fake_chapter", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    model = resolve_model(str(TINY))
+    engine = ChapterEngine("ch99", "fake_chapter", model, "cpu", "float32")
+    assert engine.streams
+    result = engine.run([Request([5], 3), Request([6], 1)])
+    assert result.token_ids == [[0, 0, 0], [1]]
+    assert len(result.ttft_s) == 2 and result.tpot_s[1] == 0.0 and result.tpot_s[0] >= 0.0
+
+
+def test_find_kv_tensors_bytes():
+    holder = types.SimpleNamespace(kv_cache=torch.zeros(2, 4, 8), model=torch.nn.Linear(4, 4), other=[1, 2])
+    assert find_kv_tensors_bytes(holder) == 2 * 4 * 8 * 4
+    net = torch.nn.Linear(4, 4)
+    net.k_cache = torch.zeros(16)
+    assert find_kv_tensors_bytes(types.SimpleNamespace(model=net)) == 64
+    assert find_kv_tensors_bytes(types.SimpleNamespace(model=torch.nn.Linear(4, 4))) is None
+
+
+def test_random_model_build_is_cached_and_loadable(tmp_path, monkeypatch):
+    from benchmarks import models
+    from nanovllm.utils.loader import load_model
+
+    spec = ModelSpec("llama-test", "tiny", llama(32, 2, 2, 64, 300, tied=False, kv_heads=1, max_len=128))
+    monkeypatch.setitem(models.MODELS, spec.name, spec)
+    m = resolve_model(spec.name, cache=tmp_path)
+    mtime = (m.path / "model.safetensors").stat().st_mtime
+    assert resolve_model(spec.name, cache=tmp_path).path == m.path
+    assert (m.path / "model.safetensors").stat().st_mtime == mtime, "a second resolve reuses the build"
+    loaded = load_model(m.path)
+    assert sum(p.numel() for p in loaded.model.parameters()) == param_count(spec.config)
+    assert loaded.tokenizer.decode([5, 6]) == "t5 t6"
+
+
+def test_llamacpp_is_optional(tmp_path):
+    if llamacpp_installed():
+        pytest.skip("llama-cpp-python is installed here")
+    with pytest.raises(EngineUnavailable, match="not installed"):
+        create_engine("llama.cpp", resolve_model(str(TINY)), "cpu", "float32", {})
+    spm = pytest.importorskip("sentencepiece")
+    from benchmarks.llamacpp_engine import standin_sentencepiece
+
+    (tmp_path / "t.model").write_bytes(standin_sentencepiece(300))
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromFile(str(tmp_path / "t.model"))
+    assert sp.vocab_size() == 300 and sp.id_to_piece(7) == "\u2581t7" and sp.is_control(2)
+
+
+def test_command_writes_json_table_and_plots(tmp_path, capsys):
+    """One short real run: ch01 against transformers (batched, left padding) on a tiny model."""
+    out = tmp_path / "run"
+    argv = [
+        "--model",
+        str(TINY),
+        "--workload",
+        "decode-1,mixed-small",
+        "--batch-sizes",
+        "1,2",
+        "--engines",
+        "ch01,transformers",
+        "--sweep",
+        "transformers:batch_size=1,2",
+        "--engine-opt",
+        "ch01:seed=0",
+        "--workload-opt",
+        "output_len=(3,6)",
+        "--workload-opt",
+        "prompt_len=(2,9)",
+        "--repeats",
+        "2",
+        "--warmup",
+        "2",
+        "--threads",
+        "1",
+        "--baseline",
+        "ch01",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(report.TOP_KEYS) <= set(results) and set(report.MACHINE_KEYS) <= set(results["machine"])
+    assert results["machine"]["threads"] == 1 and results["settings"]["repeats"] == 2
+    for name, wl in results["workloads"].items():
+        assert set(report.WORKLOAD_KEYS) <= set(wl), name
+        assert set(wl["engines"]) == {"ch01", "transformers[batch_size=1]", "transformers[batch_size=2]"}
+        for row in wl["engines"].values():
+            assert set(report.ENGINE_KEYS) <= set(row) and len(row["runs"]) == 2
+            assert row["same_tokens_as_baseline"] == 1.0, "greedy transformers must agree with chapter 1"
+    d1 = results["workloads"]["decode-1"]["engines"]["ch01"]
+    assert d1["ttft_source"] == "max_tokens=1 run" and d1["tpot_s"]["median"] > 0 and d1["roofline_fraction"] > 0
+    assert d1["ratio_vs_baseline"] == 1.0 and d1["kv_cache_bytes"] == 0
+    assert "| decode-1 | ch01 |" in printed and (out / "table.md").read_text().startswith("model tiny-llama")
+    for png in ("ladder.png", "batch_scaling.png", "sweep_transformers_batch_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_stories260k_through_transformers_matches_chapter_1(stories260k, tmp_path, monkeypatch):
+    """The llama2.c checkpoint converted for transformers holds the same weights the chapters read."""
+    monkeypatch.setenv("NANOVLLM_BENCH_CACHE", str(tmp_path))
+    model = resolve_model(str(stories260k))
+    assert model.path == stories260k and (model.hf_path / "model.safetensors").is_file()
+    w = make_workload(
+        get_spec("mixed-small").with_options(output_len=12), model.vocab_size, model.max_model_len, model.special_ids
+    )
+    torch_threads = torch.get_num_threads()
+    try:
+        hf = create_engine("transformers", model, "cpu", "float32", {"batch_size": 4}).run(w.requests)
+        ch01 = create_engine("ch01", model, "cpu", "float32", {}).run(w.requests)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert hf.token_ids == ch01.token_ids
