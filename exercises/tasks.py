@@ -44,4 +44,12 @@ TASKS: dict[str, list[Task]] = {
         Task("ch02", 3, "right_pad", "chapters.ch02_kv_cache.llm", "batch prompts of different lengths"),
         Task("ch02", 4, "generate_batch", "chapters.ch02_kv_cache.llm", "prefill once, then decode from the cache"),
     ],
+    "ch03": [
+        Task("ch03", 1, "block_hash", "nanovllm.engine.block_manager", "the chained hash of a full block"),
+        Task("ch03", 2, "BlockManager.allocate", "nanovllm.engine.block_manager", "allocate, sharing cached blocks"),
+        Task("ch03", 3, "BlockManager.append_slot", "nanovllm.engine.block_manager", "grow by one token"),
+        Task("ch03", 4, "BlockManager.free", "nanovllm.engine.block_manager", "release blocks, keep their hashes"),
+        Task("ch03", 5, "slot_mapping", "nanovllm.engine.kv_cache", "where each token's K/V goes in the pool"),
+        Task("ch03", 6, "gather_kv", "nanovllm.layers.attention", "read K/V through the block table"),
+    ],
 }

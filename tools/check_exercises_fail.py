@@ -22,7 +22,10 @@ def main() -> int:
         report = Path(tmp) / "report.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "exercise", "--impl=exercises", "-q", "-p", "no:cacheprovider",
                f"--junitxml={report}", *sys.argv[1:]]
-        subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if run.returncode != 1:  # 1: tests ran and some failed; anything else: collection error, usage error...
+            print(run.stdout[-3000:], run.stderr[-3000:], f"pytest exited with {run.returncode}, expected 1", sep="\n")
+            return 1
         cases = ET.parse(report).getroot().iter("testcase")
         outcome = {}
         for case in cases:

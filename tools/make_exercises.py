@@ -24,33 +24,56 @@ sys.path.insert(0, str(ROOT))
 from exercises.tasks import TASKS, Task  # noqa: E402
 
 
+def _signature_and_doc(lines: list[str], node: ast.FunctionDef) -> str:
+    first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+    return "\n".join(lines[first - 1 : node.body[0].end_lineno])
+
+
 def stub_source(module_name: str, tasks: list[Task]) -> str:
     module = importlib.import_module(module_name)
     source = inspect.getsource(module)
     tree = ast.parse(source)
     lines = source.splitlines()
-    task_names = {t.name for t in tasks}
-    header = f'"""Exercises for {", ".join(sorted({t.chapter for t in tasks}))}: your version of {module_name}.\n\n'
+    functions = {t.name: t for t in tasks if "." not in t.name}
+    methods: dict[str, list[Task]] = defaultdict(list)  # class -> its method tasks
+    for t in tasks:
+        if "." in t.name:
+            methods[t.name.split(".")[0]].append(t)
+    chapter = tasks[0].chapter
+    numbers = "|".join(f"task{t.number}" for t in sorted(tasks, key=lambda t: t.number))
+    header = f'"""Exercises for {chapter}: your version of {module_name}.\n\n'
     header += "Fill in each function marked with a task; the docstring says what it computes.\n"
-    header += f'Check your work with: pytest --impl=exercises -m {tasks[0].chapter} -k "task{tasks[0].number}"\n"""\n'
+    header += f'Check your work with: pytest --impl=exercises -m {chapter} -k "{numbers}"\n"""\n'
     imports, others = [], []
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             imports.append(ast.get_source_segment(source, node))
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in task_names:
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in functions:
             others.append(node.name)
         elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
             others.extend(t.id for t in node.targets)
     body = [header, *imports]
     if others:
         body.append(f"from {module_name} import {', '.join(others)}  # the rest of the file, as given")
-    for task in sorted(tasks, key=lambda t: t.number):
-        node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == task.name)
-        first = min([d.lineno for d in node.decorator_list] + [node.lineno])
-        doc = node.body[0]
-        signature_and_doc = lines[first - 1 : doc.end_lineno]
-        indent = " " * node.body[0].col_offset
-        body.append("\n\n" + "\n".join(signature_and_doc) + f'\n{indent}raise NotImplementedError("{task.message}")')
+    if methods:
+        body.append(f"import {module_name} as _reference")
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in functions:
+            task = functions[node.name]
+            indent = " " * node.body[0].col_offset
+            body.append(f'\n\n{_signature_and_doc(lines, node)}\n{indent}raise NotImplementedError("{task.message}")')
+        elif isinstance(node, ast.ClassDef) and node.name in methods:
+            wanted = {t.name.split(".")[1]: t for t in methods[node.name]}
+            doc = ast.get_docstring(node) or ""
+            body.append(
+                f"\n\nclass {node.name}(_reference.{node.name}):\n"
+                f'    """{doc} Yours: the methods below; the rest is inherited."""'
+            )
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name in wanted:
+                    indent = " " * item.body[0].col_offset
+                    message = wanted[item.name].message
+                    body.append(f'\n{_signature_and_doc(lines, item)}\n{indent}raise NotImplementedError("{message}")')
     return "\n".join(body) + "\n"
 
 

@@ -1,7 +1,7 @@
 """Exercises for ch01: your version of chapters.ch01_naive.llm.
 
 Fill in each function marked with a task; the docstring says what it computes.
-Check your work with: pytest --impl=exercises -m ch01 -k "task5"
+Check your work with: pytest --impl=exercises -m ch01 -k "task5|task6"
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Exercises for ch02: your version of chapters.ch02_kv_cache.kv_cache.
 
 Fill in each function marked with a task; the docstring says what it computes.
-Check your work with: pytest --impl=exercises -m ch02 -k "task1"
+Check your work with: pytest --impl=exercises -m ch02 -k "task1|task2"
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from nanovllm.layers.attention import masked_attention
 from chapters.ch02_kv_cache.kv_cache import ContiguousKVCache  # the rest of the file, as given
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             positions: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> None:
     """Store the new tokens' keys and values in the cache, in place: token t of row b goes to slot positions[b, t].
 
     A row's slot is its token's position, so the cache of row b holds its sequence in order.

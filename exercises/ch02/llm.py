@@ -1,7 +1,7 @@
 """Exercises for ch02: your version of chapters.ch02_kv_cache.llm.
 
 Fill in each function marked with a task; the docstring says what it computes.
-Check your work with: pytest --impl=exercises -m ch02 -k "task3"
+Check your work with: pytest --impl=exercises -m ch02 -k "task3|task4"
 """
 
 from __future__ import annotations

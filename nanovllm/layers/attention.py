@@ -50,3 +50,42 @@ def masked_attention(
         mask = mask[:, None]  # (B, 1, Tq, Tk): the same for every head
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     return out.transpose(1, 2)  # (B, Tq, Hq, D)
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write N tokens' K and V into the block pool (num_blocks, block_size, Hkv, D) at flat slots; -1 skips a token."""
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks * block_size, Hkv, D)
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    flat_k.index_copy_(0, slot_mapping, k)
+    flat_v.index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Read each sequence's K (or V) out of the block pool, in position order, through its block table.
+
+    Logical block i of sequence b lives in physical block block_tables[b, i], so position p
+    of sequence b is cache[block_tables[b, p // block_size], p % block_size].
+
+    Args:
+        cache: (num_blocks, block_size, Hkv, D) one layer's pool of K or V.
+        block_tables: (B, max_blocks) physical block ids; rows shorter than max_blocks are
+            padded with any valid id (what is read there is masked out by position).
+    Returns:
+        (B, max_blocks * block_size, Hkv, D): entry [b, p] is position p of sequence b.
+    """
+    return cache[block_tables].flatten(1, 2)  # (B, max_blocks, block_size, Hkv, D) -> (B, S, Hkv, D)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Attention of q (B, T, Hq, D) at `positions` (B, T) over each sequence's cached K/V, read through block tables."""
+    k = gather_kv(k_cache, block_tables)  # (B, S, Hkv, D)
+    v = gather_kv(v_cache, block_tables)
+    mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    return masked_attention(q, k, v, mask)

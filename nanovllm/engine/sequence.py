@@ -1,0 +1,56 @@
+"""Sequence: one request inside the engine: its tokens, its blocks, how far its KV has been computed."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    token_ids: list[int]  # prompt, then generated tokens
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_prompt_tokens: int = -1
+    block_table: list[int] = field(default_factory=list)  # physical block of each logical block
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.token_ids)
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def block_tokens(self, index: int, block_size: int) -> list[int]:
+        return self.token_ids[index * block_size : (index + 1) * block_size]
