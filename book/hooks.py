@@ -1,0 +1,98 @@
+"""MkDocs hooks of the book: pull in pages that live outside book/, and include code by name, not line number.
+
+1. The notebooks (notebooks/*.ipynb) and the worked solutions (solutions/*.md) each have one home in the
+   repository; `on_files` adds them to the site under those same paths, so nothing is copied or symlinked.
+2. `--8<-- "nanovllm/layers/norm.py:rms_norm"` includes the function `rms_norm` of that file (decorators
+   through its last line); `File.py:Class.method` a method. pymdownx.snippets only knows line ranges and
+   marker comments; `on_page_markdown` rewrites each such name into the line range it has in the source
+   today, so the book follows the code when lines move, and the build fails if a name disappears.
+
+tests/test_book.py imports `snippet_includes` and `resolve` from here to check every include.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+try:
+    from mkdocs.plugins import event_priority
+except ImportError:  # tests/test_book.py checks the includes with this file where mkdocs is not installed
+
+    def event_priority(priority):
+        return lambda method: method
+
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTSIDE_PAGES = ("notebooks/*.ipynb", "solutions/*.md")  # repository paths; their site paths are the same
+
+# One snippet include per line: `--8<-- "path"`, where path may end in :name, :Class.method or :start:end.
+SNIPPET = re.compile(
+    r"""^(?P<indent>[ \t]*)(?P<scissors>-+8<-+[ \t]+)(?P<quote>["'])(?P<target>[^"']+)(?P=quote)\s*$"""
+)
+NAMED = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+
+
+def snippet_includes(markdown: str) -> list[tuple[int, str]]:
+    """(line number, target) of each snippet include in a Markdown text."""
+    return [(i, m["target"]) for i, line in enumerate(markdown.splitlines(), 1) if (m := SNIPPET.match(line))]
+
+
+def resolve(path: Path, name: str) -> tuple[int, int]:
+    """The 1-based, inclusive line range of a top-level function, class or assignment (or Class.method)."""
+    body = ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body
+    node = None
+    for part in name.split("."):
+        node = next((n for n in body if _defines(n, part)), None)
+        if node is None:
+            raise KeyError(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: no top-level {name!r}")
+        body = getattr(node, "body", [])
+    first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+    return first, node.end_lineno
+
+
+def _defines(node: ast.stmt, name: str) -> bool:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+    if isinstance(node, ast.AnnAssign):
+        return isinstance(node.target, ast.Name) and node.target.id == name
+    return False
+
+
+def named_to_lines(target: str) -> str:
+    """'file.py:name' -> 'file.py:start:end'; any other target is returned unchanged."""
+    m = NAMED.match(target)
+    if not m:
+        return target
+    start, end = resolve(ROOT / m["path"], m["name"])
+    return f"{m['path']}:{start}:{end}"
+
+
+@event_priority(100)  # before mkdocs-jupyter's on_files, which turns .ipynb files into pages
+def on_files(files, config):
+    from mkdocs.structure.files import File
+
+    for pattern in OUTSIDE_PAGES:
+        for path in sorted(ROOT.glob(pattern)):
+            uri = path.relative_to(ROOT).as_posix()
+            if files.get_file_from_path(uri) is None:
+                files.append(File(uri, str(ROOT), config["site_dir"], config["use_directory_urls"]))
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    from mkdocs.exceptions import PluginError
+
+    lines = markdown.split("\n")
+    for i, line in enumerate(lines):
+        m = SNIPPET.match(line)
+        if m:
+            try:
+                target = named_to_lines(m["target"])
+            except (KeyError, OSError, SyntaxError) as e:
+                raise PluginError(f"{page.file.src_uri}: snippet {m['target']!r}: {e}") from e
+            lines[i] = f"{m['indent']}{m['scissors']}{m['quote']}{target}{m['quote']}"
+    return "\n".join(lines)
