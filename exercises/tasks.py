@@ -52,4 +52,11 @@ TASKS: dict[str, list[Task]] = {
         Task("ch03", 5, "slot_mapping", "nanovllm.engine.kv_cache", "where each token's K/V goes in the pool"),
         Task("ch03", 6, "gather_kv", "nanovllm.layers.attention", "read K/V through the block table"),
     ],
+    "ch04": [
+        Task("ch04", 1, "Scheduler.schedule", "nanovllm.engine.scheduler", "one step of iteration-level scheduling"),
+        Task("ch04", 2, "Scheduler.preempt", "nanovllm.engine.scheduler", "free a sequence to recompute it later"),
+        Task("ch04", 3, "apply_top_k", "nanovllm.layers.sampler", "keep the k most likely tokens"),
+        Task("ch04", 4, "apply_top_p", "nanovllm.layers.sampler", "nucleus (top-p) filtering"),
+        Task("ch04", 5, "apply_min_p", "nanovllm.layers.sampler", "drop tokens below min_p x the top one"),
+    ],
 }

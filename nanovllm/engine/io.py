@@ -73,3 +73,12 @@ def finish_reason(
 def make_output(tokenizer: Tokenizer, prompt: list[int], output: list[int], reason: str) -> dict:
     """One result: the generated text and tokens (the prompt is not repeated), and why it stopped."""
     return {"text": incremental_text(tokenizer, prompt, output), "token_ids": output, "finish_reason": reason}
+
+
+def stop_string_cut(text: str, stop: list[str], include: bool) -> int | None:
+    """Where the output text ends if it contains a stop string (earliest match), else None."""
+    hits = [(text.find(s), s) for s in stop if s in text]
+    if not hits:
+        return None
+    index, s = min(hits)
+    return index + len(s) if include else index

@@ -42,13 +42,13 @@ def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False
 ) -> torch.Tensor:
     """Attention of q (B, Tq, Hq, D) over k, v (B, Tk, Hkv, D) with a boolean mask (B, Tq, Tk) (True = may attend)."""
-    group = q.shape[2] // k.shape[2]
     q = q.transpose(1, 2)  # (B, Hq, Tq, D)
-    k = k.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, Tk, D)
-    v = v.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, Tk, D)
+    k = k.transpose(1, 2)  # (B, Hkv, Tk, D)
+    v = v.transpose(1, 2)
     if mask is not None:
         mask = mask[:, None]  # (B, 1, Tq, Tk): the same for every head
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    # enable_gqa lets query head h read KV head h // (Hq / Hkv) without copying K and V Hq / Hkv times
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=True)
     return out.transpose(1, 2)  # (B, Tq, Hq, D)
 
 

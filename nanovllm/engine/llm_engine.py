@@ -1,0 +1,174 @@
+"""LLMEngine: add_request / step / abort, the loop a server drives; generate() is built on them."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.io import Prompt, finish_reason, prepare_inputs, prompt_ids, stop_string_cut
+from nanovllm.engine.kv_cache import KVPool, kv_budget
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import sample
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.loader import load_model
+from nanovllm.utils.tokenizer import incremental_text
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    new_token_ids: list[int]  # produced this step (empty while a chunked prefill is still going)
+    finished: bool
+    finish_reason: str | None
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV pool: requests join and leave the running batch at every step."""
+
+    def __init__(
+        self,
+        model: str = "default",
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+    ):
+        loaded = load_model(model, dtype=dtype, device=device)
+        self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        cfg, torch_dtype = self.config, self.model.lm_head.weight.dtype
+        self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        per_token = KVPool.bytes_per_block(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, torch_dtype)
+        default = 16 * self.max_model_len * per_token  # CPU default: room for 16 full-length sequences
+        budget = kv_budget(kv_cache_memory, gpu_memory_utilization, device, default)
+        self.pool = KVPool.from_budget(
+            budget, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, torch_dtype, device
+        )
+        self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
+        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
+            max_num_batched_tokens = self.max_model_len  # every prompt must fit one step
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.requests: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
+
+    # ---- the request-level API ---------------------------------------------------------------------------
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
+        """Queue one request; returns its id. Bad prompts and requests that can never fit fail here."""
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        ids = prompt_ids(self.tokenizer, prompt, self.max_model_len, self.config.vocab_size)
+        need = self.block_manager.blocks_for(min(len(ids) + params.max_tokens, self.max_model_len))
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"a request of {len(ids)} prompt tokens + max_tokens={params.max_tokens} needs {need} "
+                f"KV blocks, but the whole pool has {self.block_manager.num_blocks}: "
+                f"raise kv_cache_memory or lower max_tokens"
+            )
+        gen = self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        request_id = next(self._ids)
+        seq = Sequence(ids, params, generator=gen)
+        seq.text_end = None  # where a stop string cut the text
+        self.requests[request_id] = seq
+        seq.request_id = request_id
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request now: its blocks return to the pool at once; the others carry on undisturbed."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepOutput]:
+        """One iteration: schedule, run the flattened batch, sample, retire finished requests."""
+        batch = self.scheduler.schedule()
+        self.stats["steps"] += 1
+        self.stats["preemptions"] += len(batch.preempted)
+        self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running))
+        if not batch.seqs:
+            return []
+        ready = [i for i, s in enumerate(batch.seqs) if s.num_computed_tokens == len(s)]  # reached the end
+        logits = self.runner.run(batch.seqs, batch.num_tokens, ready)
+        tokens = sample(logits, [batch.seqs[i] for i in ready], self.tokenizer.eos_token_ids) if ready else []
+        decode = sum(1 for n, s in zip(batch.num_tokens, batch.seqs) if n == 1 and len(s) > s.num_prompt_tokens)
+        self.stats["decode_tokens"] += decode
+        self.stats["prefill_tokens"] += sum(batch.num_tokens) - decode
+        outputs = []
+        for i, token in zip(ready, tokens):
+            seq = batch.seqs[i]
+            seq.token_ids.append(token)
+            reason = finish_reason(
+                seq.output_ids, seq.params, self.tokenizer.eos_token_ids, len(seq), self.max_model_len
+            )
+            if seq.params.stop and reason is None:
+                text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
+                cut = stop_string_cut(text, seq.params.stop, seq.params.include_stop_str_in_output)
+                if cut is not None:
+                    seq.text_end, reason = cut, "stop"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason))
+        return outputs
+
+    def output(self, request_id: int) -> dict:
+        """The finished (or current) result of a request: text, generated token ids, finish reason."""
+        seq = self.requests[request_id]
+        text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
+        if seq.text_end is not None:
+            text = text[: seq.text_end]
+        return {"text": text, "token_ids": seq.output_ids, "finish_reason": seq.finish_reason}
+
+    # ---- the batch API every chapter shares --------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[dict]:
+        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
+        ids = [self.add_request(p, sp) for p, sp in inputs]
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
+        start, done = time.perf_counter(), 0
+        prefill0, decode0 = self.stats["prefill_tokens"], self.stats["decode_tokens"]
+        try:
+            while self.has_unfinished():
+                finished = sum(o.finished for o in self.step())
+                if finished and use_tqdm:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(
+                        prefill=f"{(self.stats['prefill_tokens'] - prefill0) / elapsed:.0f} tok/s",
+                        decode=f"{(self.stats['decode_tokens'] - decode0) / elapsed:.0f} tok/s",
+                    )
+                    bar.update(finished)
+                done += finished
+        finally:
+            bar.close()
+        outputs = [self.output(i) for i in ids]
+        for i in ids:
+            del self.requests[i]
+        return outputs

@@ -1,0 +1,81 @@
+"""The model runner: lays one step's tokens out as a single flattened batch, runs the model, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from nanovllm.engine.kv_cache import KVPool, slot_mapping
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import causal_attention, paged_attention, store_kv
+from nanovllm.models import DecoderForCausalLM
+
+
+class VarlenPagedAttention:
+    """Attention over a flattened batch (1, N): decodes are batched together, prefill chunks run one by one.
+
+    Every token's K/V is stored by slot mapping first, then each query reads its sequence's
+    K/V through the block table, so a chunk sees the cached context before it as well as itself.
+    """
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+
+    def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Flatten this step's tokens: (input ids (1, N), positions (1, N), index of each sequence's last token)."""
+        device, bs = self.pool.k.device, self.pool.block_size
+        ids, positions, slots, last = [], [], [], []
+        decode_rows, decode_tables, self.prefills = [], [], []
+        offset = 0
+        for seq, n in zip(seqs, num_tokens):
+            start = seq.num_computed_tokens - n  # the scheduler already counted this step's tokens
+            pos = list(range(start, start + n))
+            ids += seq.token_ids[start : start + n]
+            positions += pos
+            slots += slot_mapping(seq.block_table, pos, bs)
+            if n == 1:
+                decode_rows.append(offset)
+                decode_tables.append(seq.block_table)
+            else:
+                self.prefills.append((offset, n, start, torch.tensor([seq.block_table], device=device)))
+            offset += n
+            last.append(offset - 1)
+        self.slots = torch.tensor(slots, device=device)
+        pos_tensor = torch.tensor(positions, device=device)
+        self.decode_rows = torch.tensor(decode_rows, device=device, dtype=torch.long)
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
+            self.decode_positions = pos_tensor[self.decode_rows][:, None]  # (S, 1)
+        self.positions = pos_tensor
+        return torch.tensor(ids, device=device)[None], pos_tensor[None], last
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        q, k, v = q[0], k[0], v[0]  # (N, H, D)
+        store_kv(k_cache, v_cache, k, v, self.slots)
+        out = torch.empty_like(q)
+        if len(self.decode_rows):
+            q_dec = q[self.decode_rows][:, None]  # (S, 1, Hq, D)
+            out[self.decode_rows] = paged_attention(q_dec, k_cache, v_cache, self.decode_tables, self.decode_positions)[
+                :, 0
+            ]
+        for offset, n, start, table in self.prefills:
+            rows = slice(offset, offset + n)
+            if start == 0:  # nothing cached before this chunk: plain causal attention on its own K/V
+                out[rows] = causal_attention(q[None, rows], k[None, rows], v[None, rows])[0]
+            else:
+                out[rows] = paged_attention(q[None, rows], k_cache, v_cache, table, self.positions[None, rows])[0]
+        return out[None]
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderForCausalLM, pool: KVPool):
+        self.model, self.pool = model, pool
+        self.attention = VarlenPagedAttention(pool)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_tokens: list[int], sample_rows: list[int]) -> torch.Tensor:
+        """Forward this step's tokens; logits (len(sample_rows), V) at the last token of the listed sequences."""
+        ids, positions, last = self.attention.prepare(seqs, num_tokens)
+        hidden = self.model(ids, positions, self.attention)  # (1, N, E)
+        return self.model.compute_logits(hidden[0, [last[i] for i in sample_rows]])

@@ -1,0 +1,122 @@
+"""The scheduler: every step, decide which requests run and how many of their tokens, within the budgets."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+
+class Scheduler:
+    """Waiting and running queues; iteration-level batching with a sequence budget and a token budget."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take a running sequence off the GPU to make room: free its blocks, recompute it later.
+
+        It leaves `running`, its blocks go back to the pool (their hashes stay, so whatever
+        survives is a prefix-cache hit when it returns), its computed-token count drops to 0, and
+        it goes to the *front* of the waiting queue, to be readmitted first. Its tokens, prompt
+        and generated, are kept: recomputing them rebuilds exactly the KV it had.
+        """
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's work: (sequence, number of tokens to compute) pairs, and whom it preempted.
+
+        1. Running sequences first, oldest first. Each wants its uncomputed tokens
+           (len(seq) - seq.num_computed_tokens: 1 when decoding, the rest of its prompt when
+           part-way through a chunked prefill), capped by the tokens left in the step budget. If
+           the block manager cannot append its newest token, preempt the most recently admitted
+           running sequence (self.running[-1]) and retry; if that was this sequence itself, stop.
+           Then self.block_manager.append_slot(seq).
+        2. Then waiting sequences, first come first served, while tokens are left in the budget,
+           fewer than max_num_seqs are running, nothing was preempted this step, and
+           self.block_manager.can_allocate(seq). Allocate its blocks (prefix-cache hits count as
+           computed), move it to running, and schedule min(uncomputed, budget left) tokens;
+           without chunked prefill, a prompt that does not fit the budget whole waits instead.
+        Every scheduled sequence's num_computed_tokens is advanced by its count, and
+        self.block_manager.commit(seq) indexes the blocks this step completes.
+        """
+        batch, budget = ScheduledBatch(), self.max_num_batched_tokens
+        bm = self.block_manager
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted as a victim below
+                break
+            while not bm.can_append(seq):
+                victim = self.running[-1]
+                self.preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            bm.append_slot(seq)
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            batch.add(seq, n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            if not self.enable_chunked_prefill and len(seq) - len(bm.cached_prefix(seq)) * bm.block_size > budget:
+                break
+            bm.allocate(seq)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            batch.add(seq, n)
+            budget -= n
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+            bm.commit(seq)
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """A sequence is done (or aborted): it leaves its queue and its blocks go back at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
