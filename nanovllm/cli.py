@@ -1,0 +1,56 @@
+"""The command line: `nanovllm generate PROMPT...` runs the engine on the default model (or any --model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from nanovllm.sampling_params import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanovllm", description="nano-vLLM: a small, real LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue one or more prompts")
+    gen.add_argument("prompts", nargs="+", help="prompt texts (each is continued separately, in one batch)")
+    gen.add_argument("--model", default="default",
+                     help="'default' (ships with nano-vLLM), a Hugging Face model folder, or a llama2.c .bin")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
+    gen.add_argument("--device", default="cpu")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    from nanovllm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    start = time.perf_counter()
+    outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(args.prompts, outputs):
+        print(f"{prompt}\033[1m{out['text']}\033[0m" if sys.stdout.isatty() else prompt + out["text"])
+        print()
+    tokens = sum(len(o["token_ids"]) for o in outputs)
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.0f} tok/s; {llm.pool.describe()}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return generate(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: one clear line, no traceback
+        print(f"nanovllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
