@@ -102,7 +102,9 @@ def show_task(chapter: str, number: int):
     from exercises.tasks import TASKS
 
     task = next(t for t in TASKS[chapter] if t.number == number)
-    func = getattr(importlib.import_module(task.module), task.name)
+    func = importlib.import_module(task.module)
+    for part in task.name.split("."):  # a method task is named "Class.method"
+        func = getattr(func, part)
     mine = task.exercise_module.replace(".", "/") + ".py"
     head = Source(statement(func), f"{chapter} task {task.number}: {task.name} — write it in {mine}")
     body = Source(solution(func), f"The reference solution ({where(func)}): try the task first", True)
