@@ -98,8 +98,10 @@ class BlockManager:
         before any attention reads, so a sequence that hits these blocks in the same step is safe.
         """
         if self.enable_prefix_caching:
-            for index in range(seq.num_computed_tokens // self.block_size):
+            full = seq.num_computed_tokens // self.block_size
+            for index in range(seq.num_hashed_blocks, full):
                 self._register(seq, index)
+            seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     # ---- allocation --------------------------------------------------------------------------------------
 
@@ -191,6 +193,7 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
         child.num_cached_tokens, child.num_computed_tokens = parent.num_cached_tokens, parent.num_computed_tokens
+        child.num_hashed_blocks = parent.num_hashed_blocks
 
     def free(self, seq: Sequence) -> None:
         """Release every block of the sequence.
@@ -208,4 +211,4 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_ids.append(block_id)
         seq.block_table = []
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0

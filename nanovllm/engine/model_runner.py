@@ -21,51 +21,48 @@ class VarlenPagedAttention:
         self.pool = pool
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Flatten this step's tokens: (input ids (1, N), positions (1, N), index of each sequence's last token)."""
+        """Flatten this step's tokens, decodes first: (input ids (1, N), positions (1, N), each sequence's last row)."""
         device, bs = self.pool.k.device, self.pool.block_size
-        ids, positions, slots, last = [], [], [], []
-        decode_rows, decode_tables, self.prefills = [], [], []
-        offset = 0
-        for seq, n in zip(seqs, num_tokens):
+        order = sorted(range(len(seqs)), key=lambda i: num_tokens[i] > 1)  # decodes first, then prefill chunks
+        ids, positions, slots, decode_tables = [], [], [], []
+        last = [0] * len(seqs)
+        self.prefills = []
+        for i in order:
+            seq, n = seqs[i], num_tokens[i]
             start = seq.num_computed_tokens - n  # the scheduler already counted this step's tokens
             pos = list(range(start, start + n))
+            if n == 1:
+                decode_tables.append(seq.block_table)
+            else:
+                self.prefills.append((len(ids), n, start, torch.tensor([seq.block_table], device=device)))
             ids += seq.token_ids[start : start + n]
             positions += pos
             slots += slot_mapping(seq.block_table, pos, bs)
-            if n == 1:
-                decode_rows.append(offset)
-                decode_tables.append(seq.block_table)
-            else:
-                self.prefills.append((offset, n, start, torch.tensor([seq.block_table], device=device)))
-            offset += n
-            last.append(offset - 1)
+            last[i] = len(ids) - 1
+        self.num_decodes = len(decode_tables)
         self.slots = torch.tensor(slots, device=device)
-        pos_tensor = torch.tensor(positions, device=device)
-        self.decode_rows = torch.tensor(decode_rows, device=device, dtype=torch.long)
-        if decode_rows:
+        self.positions = torch.tensor(positions, device=device)  # (N,)
+        if decode_tables:
             width = max(len(t) for t in decode_tables)
             self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
-            self.decode_positions = pos_tensor[self.decode_rows][:, None]  # (S, 1)
-        self.positions = pos_tensor
-        return torch.tensor(ids, device=device)[None], pos_tensor[None], last
+            self.decode_positions = self.positions[: self.num_decodes, None]  # (S, 1)
+        return torch.tensor(ids, device=device)[None], self.positions[None], last
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
         store_kv(k_cache, v_cache, k, v, self.slots)
-        out = torch.empty_like(q)
-        if len(self.decode_rows):
-            q_dec = q[self.decode_rows][:, None]  # (S, 1, Hq, D)
-            out[self.decode_rows] = paged_attention(q_dec, k_cache, v_cache, self.decode_tables, self.decode_positions)[
-                :, 0
-            ]
+        parts = []
+        if self.num_decodes:
+            q_dec = q[: self.num_decodes, None]  # (S, 1, Hq, D): one query per decoding sequence
+            parts.append(paged_attention(q_dec, k_cache, v_cache, self.decode_tables, self.decode_positions)[:, 0])
         for offset, n, start, table in self.prefills:
             rows = slice(offset, offset + n)
             if start == 0:  # nothing cached before this chunk: plain causal attention on its own K/V
-                out[rows] = causal_attention(q[None, rows], k[None, rows], v[None, rows])[0]
+                parts.append(causal_attention(q[None, rows], k[None, rows], v[None, rows])[0])
             else:
-                out[rows] = paged_attention(q[None, rows], k_cache, v_cache, table, self.positions[None, rows])[0]
-        return out[None]
+                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, self.positions[None, rows])[0])
+        return torch.cat(parts)[None]  # (1, N, Hq, D), rows in the order prepare() laid them out
 
 
 class ModelRunner:

@@ -28,6 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # physical block of each logical block
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_hashed_blocks: int = 0  # leading full blocks already offered to the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
