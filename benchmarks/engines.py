@@ -109,6 +109,17 @@ def create_engine(name: str, model: ResolvedModel, device: str, dtype: str, opti
     return ChapterEngine(base, packages[base], model, device, dtype, **options)
 
 
+def preload(name: str) -> None:
+    """Import an engine's code, so the memory measured while loading it is its own, not the imports'."""
+    base = canonical_name(name)
+    packages = chapter_packages()
+    if base in packages:
+        importlib.import_module(packages[base])
+    elif base == "transformers":
+        import transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+
 class EngineUnavailable(RuntimeError):
     """The engine cannot run on this machine (not installed, not written yet); the message says why."""
 

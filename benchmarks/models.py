@@ -116,10 +116,10 @@ MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [
         ModelSpec("stories260k", "llama2.c stories260K (trained, 0.26M params), from ../shared/models"),
-        ModelSpec(
+        ModelSpec(  # wide and shallow: per-layer work outweighs per-op overhead, as in real models
             "llama-5m",
-            "random Llama, hidden 256, 4 layers, FFN 768, vocab 4096, tied (perf tests)",
-            llama(256, 4, 4, 768, 4096, tied=True),
+            "random Llama, hidden 384, 2 layers, FFN 1024, vocab 4096, tied (perf tests)",
+            llama(384, 2, 6, 1024, 4096, tied=True),
         ),
         ModelSpec(
             "llama-20m",
@@ -263,7 +263,10 @@ def _save_tokenizer(cfg: dict[str, Any], folder: Path) -> None:
 def _build_random(spec: ModelSpec, folder: Path) -> None:
     """Fill the config with seeded random weights (std 0.02, as transformers initialises) and save the folder."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
 
     print(f"building {spec.name} ({param_count(spec.config) / 1e6:.1f}M params) into {folder} ...", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)

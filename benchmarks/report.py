@@ -32,6 +32,7 @@ ENGINE_KEYS = (
     "peak_mem_bytes",
     "run_mem_bytes",
     "load_mem_bytes",
+    "engine_mem_bytes",
     "kv_cache_bytes",
     "runs",
 )
@@ -74,7 +75,7 @@ def table(results: dict[str, Any]) -> str:
     """One Markdown table: a row per workload and engine."""
     rows = [
         "| workload | engine | out tok/s | total tok/s | req/s | TTFT ms (med / p99) | TPOT ms (med / p99) "
-        "| peak mem MiB | KV MiB | roofline | ratio |",
+        "| engine mem MiB | KV MiB | roofline | ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for wl_name, wl in results["workloads"].items():
@@ -84,7 +85,7 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| {wl_name} | {name} | {_num(e['output_tok_s'])} | {_num(e['total_tok_s'])} | "
                 f"{_num(e['req_s'], '{:.2f}')} | {_ms(e['ttft_s'])} | {_ms(e['tpot_s'])} | "
-                f"{_mib(e['peak_mem_bytes'])} | {_mib(e['kv_cache_bytes'])} | "
+                f"{_mib(e['engine_mem_bytes'])} | {_mib(e['kv_cache_bytes'])} | "
                 f"{'–' if roof is None else f'{roof:.0%}'} | {'–' if ratio is None else f'{ratio:.2f}x'} |"
             )
     return "\n".join(rows)
@@ -101,8 +102,21 @@ def targets_text(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LEGEND = (
+    "out/total tok/s, req/s: medians over rounds. TTFT/TPOT: per request, streamed (or, for one request, from a "
+    "max_tokens=1 run); – when the engine cannot tell. engine mem: memory the engine added on loading, plus the "
+    "most one run added. KV: the engine's KV cache (transformers: computed from its batches). roofline: weight "
+    "bytes per decode step / step time / measured copy bandwidth (one-request workloads). ratio: output tok/s "
+    "over the baseline's, median of the per-round pairs."
+)
+
+
 def render(results: dict[str, Any]) -> str:
-    parts = [header(results), "", table(results)]
+    peaks = [e["peak_mem_bytes"] for wl in results["workloads"].values() for e in wl["engines"].values()]
+    peaks = [p for p in peaks if p is not None]
+    parts = [header(results), "", table(results), "", LEGEND]
+    if peaks:
+        parts.append(f"Process peak memory (all engines loaded in one process): {max(peaks) / 2**20:.0f} MiB.")
     if results.get("targets"):
         parts += ["", "ROADMAP targets:", targets_text(results)]
     if results.get("skipped"):

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.engines import Engine, EngineUnavailable, canonical_name, create_engine
+from benchmarks.engines import Engine, EngineUnavailable, canonical_name, create_engine, preload
 from benchmarks.measure import PeakMemory, copy_bandwidth, measure, summarize
 from benchmarks.models import ResolvedModel, resolve_model
 from benchmarks.targets import check_targets
-from benchmarks.workloads import get_spec, make_workload
+from benchmarks.workloads import Request, get_spec, make_workload
 
 SCHEMA = "nanovllm-bench/1"
 
@@ -111,10 +111,13 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     engines: list[Engine] = []
     loaded: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    for _, name, _ in plan_engines(s):
+        preload(name)
     for display, name, opts in plan_engines(s):
         try:
-            with PeakMemory(s.device) as mem:
+            with PeakMemory(s.device) as mem:  # loading, and one tiny request that touches every weight
                 engine = create_engine(name, model, s.device, s.dtype, opts)
+                engine.run([Request([3, 4, 5, 6, 7, 8, 9, 10], 2)])
         except EngineUnavailable as e:
             skipped[display] = str(e)
             log(f"skipping {display}: {e}")
@@ -142,6 +145,8 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
             row = summarize(m, e.name, baseline)
             row["kv_cache_bytes"] = e.kv_cache_bytes(m.workload.requests)
             row["load_mem_bytes"] = loaded[e.name]["load_mem_bytes"]
+            parts = [row["load_mem_bytes"], row["run_mem_bytes"]]
+            row["engine_mem_bytes"] = None if parts[0] is None else sum(p or 0 for p in parts)
             if len(m.workload.requests) == 1 and bandwidth:
                 step = row["tpot_s"]["median"] if row["tpot_s"] else row["wall_s"] / m.workload.output_tokens
                 row["step_time_s"] = step
