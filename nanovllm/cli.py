@@ -14,8 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="continue one or more prompts")
     gen.add_argument("prompts", nargs="+", help="prompt texts (each is continued separately, in one batch)")
-    gen.add_argument("--model", default="default",
-                     help="'default' (ships with nano-vLLM), a Hugging Face model folder, or a llama2.c .bin")
+    gen.add_argument(
+        "--model",
+        default="default",
+        help="'default' (ships with nano-vLLM), a Hugging Face model folder, or a llama2.c .bin",
+    )
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -30,8 +33,9 @@ def generate(args: argparse.Namespace) -> int:
     from nanovllm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
     start = time.perf_counter()
     outputs = llm.generate(args.prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start

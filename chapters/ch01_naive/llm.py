@@ -94,7 +94,12 @@ def naive_generate(
 
 
 class LLM:
-    """Chapter 1's engine: prompts are generated one after another, each by the naive loop."""
+    """Chapter 1's engine: prompts are generated one after another, each by the naive loop.
+
+    Chapters 2 and 3 keep its loading, prompt checks and random streams, and replace generate().
+    """
+
+    chapter = "chapter 1"
 
     def __init__(
         self,
@@ -110,22 +115,29 @@ class LLM:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def prepare(
+        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[tuple[list[int], SamplingParams]]:
+        """Tokenize and check the prompts, pair them with their params; refuse what chapter 4 brings."""
+        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
+        for _, params in inputs:
+            if later := params.non_default(LATER_SAMPLING_FIELDS):
+                raise ValueError(f"{self.chapter} samples with temperature only; {later} arrive in chapter 4")
+        return inputs
+
+    def generator_for(self, params: SamplingParams) -> torch.Generator:
+        """A seeded request gets its own random stream; the others share the engine's."""
+        return self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
-        for _, params in inputs:
-            later = params.non_default(LATER_SAMPLING_FIELDS)
-            if later:
-                raise ValueError(f"chapter 1 samples with temperature only; {later} arrive in chapter 4")
         outputs = []
-        for prompt, params in tqdm(inputs, desc="generate", disable=not use_tqdm):
-            gen = self.generator
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        for prompt, params in tqdm(self.prepare(prompts, sampling_params), desc="generate", disable=not use_tqdm):
+            gen = self.generator_for(params)
             tokens, reason = naive_generate(
                 self.model, prompt, params, self.tokenizer.eos_token_ids, self.max_model_len, gen
             )

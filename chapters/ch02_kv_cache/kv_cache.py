@@ -66,10 +66,6 @@ class ContiguousKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    @staticmethod
-    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
     def begin_step(self, positions: torch.Tensor) -> None:
         """Set this step's positions (B, T) for B <= rows; the mask is the same for every layer, so build it once."""
         self.positions, self.batch = positions, positions.shape[0]

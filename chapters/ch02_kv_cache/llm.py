@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from chapters.ch01_naive.llm import LATER_SAMPLING_FIELDS, sample_token
+from chapters.ch01_naive.llm import LLM as Chapter1LLM
+from chapters.ch01_naive.llm import sample_token
 from chapters.ch02_kv_cache.kv_cache import ContiguousKVCache
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs
+from nanovllm.engine.io import Prompt, finish_reason, make_output
+from nanovllm.engine.kv_cache import KVPool
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import load_model
 
 
 def right_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,8 +91,10 @@ def generate_batch(
         next_pos += torch.tensor([r is None for r in reasons])
 
 
-class LLM:
+class LLM(Chapter1LLM):
     """Chapter 2's engine: prompts run in static batches of `rows`, each row reserving max_model_len cache slots."""
+
+    chapter = "chapter 2"
 
     def __init__(
         self,
@@ -103,14 +106,10 @@ class LLM:
         max_num_seqs: int = 16,
         kv_cache_memory: int | None = None,
     ):
-        loaded = load_model(model, dtype=dtype, device=device)
-        self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
-        self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        super().__init__(model, dtype, device, max_model_len, seed)
         cfg, torch_dtype = self.config, self.model.lm_head.weight.dtype
-        per_row = self.max_model_len * ContiguousKVCache.bytes_per_token(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch_dtype
+        per_row = self.max_model_len * KVPool.bytes_per_block(
+            cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, torch_dtype
         )
         # A contiguous row must hold the longest possible sequence: the budget buys whole rows.
         rows = max_num_seqs if kv_cache_memory is None else min(max_num_seqs, kv_cache_memory // per_row)
@@ -129,25 +128,19 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
-        for _, params in inputs:
-            if later := params.non_default(LATER_SAMPLING_FIELDS):
-                raise ValueError(f"chapter 2 samples with temperature only; {later} arrive in chapter 4")
+        inputs = self.prepare(prompts, sampling_params)
         outputs = []
         rows = self.cache.k.shape[1]
         bar = tqdm(total=len(inputs), desc="generate", disable=not use_tqdm)
         for first in range(0, len(inputs), rows):
             batch = inputs[first : first + rows]
-            gens = [
-                self.generator if p.seed is None else torch.Generator(self.device).manual_seed(p.seed) for _, p in batch
-            ]
             results = generate_batch(
                 self.model,
                 [ids for ids, _ in batch],
                 [p for _, p in batch],
                 self.tokenizer.eos_token_ids,
                 self.max_model_len,
-                gens,
+                [self.generator_for(p) for _, p in batch],
                 self.cache,
             )
             for (prompt, _), (tokens, reason) in zip(batch, results):

@@ -8,14 +8,14 @@ from collections.abc import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from chapters.ch01_naive.llm import LATER_SAMPLING_FIELDS, sample_token
+from chapters.ch01_naive.llm import LLM as Chapter1LLM
+from chapters.ch01_naive.llm import sample_token
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs
-from nanovllm.engine.kv_cache import KVPool, kv_budget, slot_mapping
+from nanovllm.engine.io import Prompt, finish_reason, make_output
+from nanovllm.engine.kv_cache import KVPool, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
 from nanovllm.layers.attention import paged_attention, store_kv
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import load_model
 
 
 class PagedAttention:
@@ -48,8 +48,10 @@ class PagedAttention:
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions)
 
 
-class LLM:
+class LLM(Chapter1LLM):
     """Chapter 3's engine: admit what the block pool can hold, run that batch to completion, repeat."""
+
+    chapter = "chapter 3"
 
     def __init__(
         self,
@@ -64,19 +66,17 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
     ):
-        loaded = load_model(model, dtype=dtype, device=device)
-        self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        cfg, torch_dtype = self.config, self.model.lm_head.weight.dtype
-        self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
-        self.device, self.max_num_seqs = device, max_num_seqs
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        per_token = KVPool.bytes_per_block(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, torch_dtype)
-        # by default, the memory chapter 2 would reserve for max_num_seqs rows of max_model_len tokens
-        budget = kv_budget(
-            kv_cache_memory, gpu_memory_utilization, device, max_num_seqs * self.max_model_len * per_token
-        )
-        self.pool = KVPool.from_budget(
-            budget, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, torch_dtype, device
+        super().__init__(model, dtype, device, max_model_len, seed)
+        self.max_num_seqs = max_num_seqs
+        # by default, the memory chapter 2 reserves: max_num_seqs rows of max_model_len tokens
+        self.pool = pool_for_model(
+            self.config,
+            self.model.lm_head.weight.dtype,
+            device,
+            block_size,
+            kv_cache_memory,
+            gpu_memory_utilization,
+            max_num_seqs * self.max_model_len,
         )
         self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         self.attention = PagedAttention(self.pool)
@@ -143,21 +143,10 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
         seqs = []
-        for ids, params in inputs:
-            if later := params.non_default(LATER_SAMPLING_FIELDS):
-                raise ValueError(f"chapter 3 samples with temperature only; {later} arrive in chapter 4")
-            gen = self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-            seq = Sequence(ids, params, generator=gen)
-            need = self.block_manager.blocks_for(self.worst_case_tokens(seq))
-            if need > self.block_manager.num_blocks:
-                raise ValueError(
-                    f"a request of {len(ids)} prompt tokens + max_tokens={params.max_tokens} needs "
-                    f"{need} KV blocks, but the whole pool has {self.block_manager.num_blocks}: "
-                    f"raise kv_cache_memory or lower max_tokens"
-                )
-            seqs.append(seq)
+        for ids, params in self.prepare(prompts, sampling_params):
+            self.block_manager.check_fits(len(ids), params.max_tokens, self.max_model_len)
+            seqs.append(Sequence(ids, params, generator=self.generator_for(params)))
         waiting = deque(seqs)
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm) as bar:
             while waiting:

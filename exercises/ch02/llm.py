@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
-from chapters.ch01_naive.llm import LATER_SAMPLING_FIELDS, sample_token
+from chapters.ch01_naive.llm import LLM as Chapter1LLM
+from chapters.ch01_naive.llm import sample_token
 from chapters.ch02_kv_cache.kv_cache import ContiguousKVCache
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs
+from nanovllm.engine.io import Prompt, finish_reason, make_output
+from nanovllm.engine.kv_cache import KVPool
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import load_model
 from chapters.ch02_kv_cache.llm import LLM  # the rest of the file, as given
 
 

@@ -62,6 +62,15 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def check_fits(self, prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+        """A request that could not fit even in an empty pool is refused up front, with what to change."""
+        need = self.blocks_for(min(prompt_len + max_tokens, max_model_len))
+        if need > self.num_blocks:
+            raise ValueError(
+                f"a request of {prompt_len} prompt tokens + max_tokens={max_tokens} needs {need} KV blocks, "
+                f"but the whole pool has {self.num_blocks}: raise kv_cache_memory or lower max_tokens"
+            )
+
     # ---- prefix cache ------------------------------------------------------------------------------------
 
     def cached_prefix(self, seq: Sequence) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.config import ModelConfig
+
 
 def slot_mapping(block_table: list[int], positions: list[int], block_size: int) -> list[int]:
     """Where each token's K and V go in the pool, as flat slot numbers.
@@ -79,15 +81,24 @@ class KVPool:
         )
 
 
-def kv_budget(
-    kv_cache_memory: int | None, gpu_memory_utilization: float, device: str | torch.device, default_bytes: int
-) -> int:
-    """Bytes for the KV pool: given outright, else a fraction of free GPU memory, else `default_bytes` on CPU."""
+def pool_for_model(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    block_size: int,
+    kv_cache_memory: int | None,
+    gpu_memory_utilization: float,
+    default_tokens: int,
+) -> KVPool:
+    """The model's KV pool: `kv_cache_memory` bytes, else a fraction of free GPU memory, else default_tokens on CPU."""
+    args = (config.num_layers, block_size, config.num_kv_heads, config.head_dim, dtype)
     if kv_cache_memory is not None:
-        return int(kv_cache_memory)
-    if torch.device(device).type == "cuda":
+        budget = int(kv_cache_memory)
+    elif torch.device(device).type == "cuda":
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free - (1.0 - gpu_memory_utilization) * total)
-    return default_bytes
+        budget = int(free - (1.0 - gpu_memory_utilization) * total)
+    else:
+        budget = -(-default_tokens // block_size) * KVPool.bytes_per_block(*args)
+    return KVPool.from_budget(budget, *args, device=device)

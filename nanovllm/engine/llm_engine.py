@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.io import Prompt, finish_reason, prepare_inputs, prompt_ids, stop_string_cut
-from nanovllm.engine.kv_cache import KVPool, kv_budget
+from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -50,15 +50,19 @@ class LLMEngine:
     ):
         loaded = load_model(model, dtype=dtype, device=device)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        cfg, torch_dtype = self.config, self.model.lm_head.weight.dtype
+        cfg = self.config
         self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        per_token = KVPool.bytes_per_block(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, torch_dtype)
-        default = 16 * self.max_model_len * per_token  # CPU default: room for 16 full-length sequences
-        budget = kv_budget(kv_cache_memory, gpu_memory_utilization, device, default)
-        self.pool = KVPool.from_budget(
-            budget, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, torch_dtype, device
+        # on CPU, by default, room for 16 sequences of the full context
+        self.pool = pool_for_model(
+            cfg,
+            self.model.lm_head.weight.dtype,
+            device,
+            block_size,
+            kv_cache_memory,
+            gpu_memory_utilization,
+            16 * self.max_model_len,
         )
         self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
@@ -77,13 +81,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         ids = prompt_ids(self.tokenizer, prompt, self.max_model_len, self.config.vocab_size)
-        need = self.block_manager.blocks_for(min(len(ids) + params.max_tokens, self.max_model_len))
-        if need > self.block_manager.num_blocks:
-            raise ValueError(
-                f"a request of {len(ids)} prompt tokens + max_tokens={params.max_tokens} needs {need} "
-                f"KV blocks, but the whole pool has {self.block_manager.num_blocks}: "
-                f"raise kv_cache_memory or lower max_tokens"
-            )
+        self.block_manager.check_fits(len(ids), params.max_tokens, self.max_model_len)
         gen = self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
         request_id = next(self._ids)
         seq = Sequence(ids, params, generator=gen)
