@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,11 +27,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    for n in range(1, 10):
+        config.addinivalue_line("markers", f"task{n}: exercise task {n} of its chapter (-m 'ch02 and task{n}')")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Any test that asks for `impl` is an exercise test: CI proves each one fails on the untouched stubs.
     for item in items:
+        # Any test that asks for `impl` is an exercise test: CI proves each one fails on the untouched stubs.
         if "impl" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.exercise)
+        # test_taskN_... (and test_tasksNtoM_...) carry the marker taskN, so -m "ch01 and task2" selects a task
+        if match := re.match(r"test_tasks?(\d+)(?:to(\d+))?_", item.name):
+            first, last = int(match[1]), int(match[2] or match[1])
+            for n in range(first, last + 1):
+                item.add_marker(getattr(pytest.mark, f"task{n}"))
 
 
 def shared_path(relative: str) -> Path:

@@ -81,8 +81,8 @@ def naive_generate(
     tokens = list(prompt_ids)
     output: list[int] = []
     while True:
-        ids = torch.tensor([tokens])  # (1, n)
-        positions = torch.arange(len(tokens))[None]  # (1, n)
+        ids = torch.tensor([tokens], device=model.inv_freq.device)  # (1, n)
+        positions = torch.arange(len(tokens), device=ids.device)[None]  # (1, n)
         hidden = model(ids, positions, no_cache_attention)  # (1, n, E)
         logits = model.compute_logits(hidden[0, -1])  # (V,): only the last position is needed
         token = sample_token(logits, params.temperature, generator)

@@ -63,9 +63,10 @@ def generate_batch(
     Returns:
         B pairs (generated token ids, finish reason), in prompt order.
     """
+    device = cache.k.device
     ids, positions, lengths = right_pad(prompts)
-    cache.begin_step(positions)
-    hidden = model(ids, positions, cache)  # (B, T, E)
+    cache.begin_step(positions.to(device))
+    hidden = model(ids.to(device), positions.to(device), cache)  # (B, T, E)
     logits = model.compute_logits(hidden[torch.arange(len(prompts)), lengths - 1])  # (B, V)
     outputs: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * len(prompts)
@@ -84,9 +85,9 @@ def generate_batch(
             step_tokens.append(outputs[b][-1])
         if all(r is not None for r in reasons):
             return [(out, reason) for out, reason in zip(outputs, reasons)]
-        positions = next_pos[:, None]  # (B, 1)
+        positions = next_pos[:, None].to(device)  # (B, 1)
         cache.begin_step(positions)
-        hidden = model(torch.tensor(step_tokens)[:, None], positions, cache)  # (B, 1, E)
+        hidden = model(torch.tensor(step_tokens, device=device)[:, None], positions, cache)  # (B, 1, E)
         logits = model.compute_logits(hidden[:, 0])  # (B, V)
         next_pos += torch.tensor([r is None for r in reasons])
 

@@ -37,10 +37,12 @@ class PagedAttention:
             positions.append(pos + [pos[-1]] * (T - n))
             slots.append(slot_mapping(seq.block_table, pos, bs) + [-1] * (T - n))
         width = max(len(s.block_table) for s in seqs)
-        self.block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
-        self.slots = torch.tensor(slots).flatten()  # (B * T,)
-        self.positions = torch.tensor(positions)  # (B, T)
-        return torch.tensor(ids), self.positions
+        device = self.pool.k.device
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        self.block_tables = torch.tensor(tables, device=device)  # (B, max_blocks)
+        self.slots = torch.tensor(slots, device=device).flatten()  # (B * T,)
+        self.positions = torch.tensor(positions, device=device)  # (B, T)
+        return torch.tensor(ids, device=device), self.positions
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]

@@ -172,7 +172,7 @@ class BlockManager:
         if len(seq) > len(seq.block_table) * self.block_size:
             return 1  # the newest token starts a new block
         last = self.blocks[seq.block_table[-1]]
-        return 1 if last.ref_count > 1 and len(seq) % self.block_size != 0 else 0
+        return 1 if last.ref_count > 1 else 0  # the newest token would write into a shared block: copy it
 
     def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
         """Make sure the block table covers the sequence's newest token (position len(seq) - 1).
