@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default), float16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        help="KV-cache bytes for every chapter that takes kv_cache_memory (default: the chapter's own on CPU, "
+        "an equal share of half the free GPU memory on CUDA)",
+    )
+    p.add_argument(
         "--engine-opt",
         action="append",
         default=[],
@@ -112,6 +119,7 @@ def settings_from_args(args: argparse.Namespace):
         workload_options=wl_opts,
         sweeps=sweeps,
         bandwidth=not args.no_bandwidth,
+        kv_cache_memory=None if args.kv_cache_memory is None else int(args.kv_cache_memory),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import pkgutil
 import time
 from dataclasses import dataclass
@@ -92,8 +93,17 @@ def literal(value: str) -> Any:
         return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-def create_engine(name: str, model: ResolvedModel, device: str, dtype: str, options: dict[str, Any]) -> Engine:
-    """Load engine `name` on the model; raises EngineUnavailable (with the reason) when it cannot run here."""
+def create_engine(
+    name: str,
+    model: ResolvedModel,
+    device: str,
+    dtype: str,
+    options: dict[str, Any],
+    shared: dict[str, Any] | None = None,
+) -> Engine:
+    """Load engine `name` on the model; raises EngineUnavailable (with the reason) when it cannot run here.
+
+    `shared`: settings for every chapter that accepts them (see ChapterEngine)."""
     base = canonical_name(name)
     if base == "transformers":
         from benchmarks.hf_engine import TransformersEngine
@@ -106,7 +116,7 @@ def create_engine(name: str, model: ResolvedModel, device: str, dtype: str, opti
     packages = chapter_packages()
     if base not in packages:
         raise EngineUnavailable(f"{name}: no such engine here (known: {', '.join(known_engines())})")
-    return ChapterEngine(base, packages[base], model, device, dtype, **options)
+    return ChapterEngine(base, packages[base], model, device, dtype, shared=shared, **options)
 
 
 def preload(name: str) -> None:
@@ -137,12 +147,17 @@ class ChapterEngine(Engine):
         device: str,
         dtype: str,
         stream: bool = True,
+        shared: dict[str, Any] | None = None,
         **chapter_options: Any,
     ):
+        """`shared`: settings given to every chapter that takes them (max_model_len, kv_cache_memory), under
+        this engine's own `chapter_options`."""
         mod = importlib.import_module(package)
         self.name, self.package, self.SamplingParams = name, package, mod.SamplingParams
-        self.llm = mod.LLM(str(model.path), **{"dtype": dtype, "device": device, "seed": 0, **chapter_options})
-        self.options = chapter_options
+        accepted = inspect.signature(mod.LLM).parameters
+        common = {k: v for k, v in (shared or {}).items() if k in accepted and v is not None}
+        self.options = {**common, **chapter_options}
+        self.llm = mod.LLM(str(model.path), **{"dtype": dtype, "device": device, "seed": 0, **self.options})
         self.streams = stream and all(hasattr(self.llm, a) for a in ("add_request", "step", "has_unfinished"))
 
     def params(self, r: Request):

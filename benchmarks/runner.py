@@ -17,7 +17,7 @@ from benchmarks.engines import Engine, EngineUnavailable, canonical_name, create
 from benchmarks.measure import PeakMemory, copy_bandwidth, measure, summarize
 from benchmarks.models import ResolvedModel, resolve_model
 from benchmarks.targets import check_targets
-from benchmarks.workloads import Request, get_spec, make_workload
+from benchmarks.workloads import Request, fit_to_context, get_spec, make_workload
 
 SCHEMA = "nanovllm-bench/1"
 
@@ -36,6 +36,9 @@ class Settings:
     engine_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # engine -> {key: value}
     workload_options: dict[str, Any] = field(default_factory=dict)  # applied to every workload
     sweeps: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)  # engine -> (key, values)
+    # KV-cache memory for every chapter that takes `kv_cache_memory` (None: the chapter's default on CPU;
+    # on CUDA an equal share of half the free memory, since all engines live in one process)
+    kv_cache_memory: int | None = None
     bandwidth: bool = True  # measure copy bandwidth (for the decode roofline)
 
 
@@ -111,12 +114,18 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     engines: list[Engine] = []
     loaded: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for _, name, _ in plan_engines(s):
+    plan = plan_engines(s)
+    for _, name, _ in plan:
         preload(name)
-    for display, name, opts in plan_engines(s):
+    specs = [fit_to_context(get_spec(w).with_options(**s.workload_options), model.max_model_len) for w in s.workloads]
+    shared = {"max_model_len": max(sp.longest for sp in specs) + 1, "kv_cache_memory": s.kv_cache_memory}
+    if shared["kv_cache_memory"] is None and s.device.startswith("cuda"):
+        chapters = sum(1 for _, name, _ in plan if name[:2] == "ch")
+        shared["kv_cache_memory"] = int(torch.cuda.mem_get_info(s.device)[0] * 0.5 / max(chapters, 1))
+    for display, name, opts in plan:
         try:
             with PeakMemory(s.device) as mem:  # loading, and one tiny request that touches every weight
-                engine = create_engine(name, model, s.device, s.dtype, opts)
+                engine = create_engine(name, model, s.device, s.dtype, opts, shared)
                 engine.run([Request([3, 4, 5, 6, 7, 8, 9, 10], 2)])
         except EngineUnavailable as e:
             skipped[display] = str(e)
@@ -167,6 +176,7 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
             "warmup_tokens": s.warmup_tokens,
             "baseline": baseline,
             "engine_options": s.engine_options,
+            "chapter_settings": shared,
             "workload_options": s.workload_options,
             "sweeps": {k: {"key": key, "values": v} for k, (key, v) in s.sweeps.items()},
             "method": "warm-up round (outputs capped at warmup_tokens), then `repeats` rounds running "

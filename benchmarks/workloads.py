@@ -27,6 +27,11 @@ class WorkloadSpec:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest possible request (prompt + output)."""
+        return self.shared_prefix + self.prompt_len[1] + self.output_len[1]
+
     def with_options(self, **options: Any) -> WorkloadSpec:
         """A copy with fields overridden: num_requests=8, output_len=64 (or (lo, hi)), shared_prefix=..."""
         fixed = {}
@@ -90,7 +95,7 @@ def get_spec(name: str) -> WorkloadSpec:
 
 def fit_to_context(spec: WorkloadSpec, max_model_len: int) -> WorkloadSpec:
     """Scale the length ranges down (keeping their shape) when the longest request would not fit the model."""
-    longest = spec.shared_prefix + spec.prompt_len[1] + spec.output_len[1]
+    longest = spec.longest
     if longest < max_model_len:
         return spec
     f = (max_model_len - 1) / longest

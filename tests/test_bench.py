@@ -173,8 +173,11 @@ def test_streaming_chapter_engine_measures_ttft_and_tpot(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "fake_chapter", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     model = resolve_model(str(TINY))
-    engine = ChapterEngine("ch99", "fake_chapter", model, "cpu", "float32")
+    engine = ChapterEngine(
+        "ch99", "fake_chapter", model, "cpu", "float32", shared={"max_model_len": 50, "kv_cache_memory": 123}
+    )
     assert engine.streams
+    assert engine.options == {"max_model_len": 50}, "shared settings go only to chapters that take them"
     result = engine.run([Request([5], 3), Request([6], 1)])
     assert result.token_ids == [[0, 0, 0], [1]]
     assert len(result.ttft_s) == 2 and result.tpot_s[1] == 0.0 and result.tpot_s[0] >= 0.0
@@ -254,6 +257,7 @@ def test_command_writes_json_table_and_plots(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(report.TOP_KEYS) <= set(results) and set(report.MACHINE_KEYS) <= set(results["machine"])
     assert results["machine"]["threads"] == 1 and results["settings"]["repeats"] == 2
+    assert results["settings"]["chapter_settings"]["max_model_len"] == 9 + 6 + 1  # the longest request, + 1
     for name, wl in results["workloads"].items():
         assert set(report.WORKLOAD_KEYS) <= set(wl), name
         assert set(wl["engines"]) == {"ch01", "transformers[batch_size=1]", "transformers[batch_size=2]"}
