@@ -21,41 +21,60 @@ class VarlenPagedAttention:
         self.pool = pool
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Flatten this step's tokens, decodes first: (input ids (1, N), positions (1, N), each sequence's last row)."""
+        """Flatten this step's tokens, decodes first: (input ids (1, N), positions (1, N), each sequence's last row).
+
+        Decodes are laid out longest context first and cut into groups of similar length: each group
+        gathers K/V padded only to its own longest sequence, not to the longest in the whole batch.
+        """
         device, bs = self.pool.k.device, self.pool.block_size
-        order = sorted(range(len(seqs)), key=lambda i: num_tokens[i] > 1)  # decodes first, then prefill chunks
-        ids, positions, slots, decode_tables = [], [], [], []
+        decodes = sorted((i for i, n in enumerate(num_tokens) if n == 1), key=lambda i: -len(seqs[i].block_table))
+        prefills = [i for i, n in enumerate(num_tokens) if n > 1]
+        ids, positions, slots = [], [], []
         last = [0] * len(seqs)
-        self.prefills = []
-        for i in order:
-            seq, n = seqs[i], num_tokens[i]
-            start = seq.num_computed_tokens - n  # the scheduler already counted this step's tokens
-            pos = list(range(start, start + n))
-            if n == 1:
-                decode_tables.append(seq.block_table)
-            else:
-                self.prefills.append((len(ids), n, start, torch.tensor([seq.block_table], device=device)))
-            ids += seq.token_ids[start : start + n]
-            positions += pos
-            slots += slot_mapping(seq.block_table, pos, bs)
-            last[i] = len(ids) - 1
-        self.num_decodes = len(decode_tables)
+        self.decode_groups, self.prefills = [], []
+        group_tables: list[list[int]] = []
+        for i in decodes:
+            table = seqs[i].block_table
+            if not group_tables or len(table) < self.GROUP_RATIO * len(group_tables[0]):
+                self._close_group(group_tables, len(ids), device)
+                group_tables = []
+            group_tables.append(table)
+            self._append(seqs[i], 1, ids, positions, slots, last, i, bs)
+        self._close_group(group_tables, len(ids), device)
+        for i in prefills:
+            start = seqs[i].num_computed_tokens - num_tokens[i]
+            self.prefills.append((len(ids), num_tokens[i], start, torch.tensor([seqs[i].block_table], device=device)))
+            self._append(seqs[i], num_tokens[i], ids, positions, slots, last, i, bs)
         self.slots = torch.tensor(slots, device=device)
         self.positions = torch.tensor(positions, device=device)  # (N,)
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
-            self.decode_positions = self.positions[: self.num_decodes, None]  # (S, 1)
         return torch.tensor(ids, device=device)[None], self.positions[None], last
+
+    GROUP_RATIO = 0.7  # a decode joins the current group while its block count is >= 70% of the group's first
+
+    def _close_group(self, tables: list[list[int]], end: int, device: torch.device) -> None:
+        if tables:
+            width = len(tables[0])  # the longest: groups are sorted longest first
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (S, width)
+            self.decode_groups.append((end - len(tables), end, padded))
+
+    @staticmethod
+    def _append(seq: Sequence, n: int, ids: list, positions: list, slots: list, last: list, i: int, bs: int) -> None:
+        start = seq.num_computed_tokens - n  # the scheduler already counted this step's tokens
+        pos = list(range(start, start + n))
+        ids += seq.token_ids[start : start + n]
+        positions += pos
+        slots += slot_mapping(seq.block_table, pos, bs)
+        last[i] = len(ids) - 1
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
         store_kv(k_cache, v_cache, k, v, self.slots)
         parts = []
-        if self.num_decodes:
-            q_dec = q[: self.num_decodes, None]  # (S, 1, Hq, D): one query per decoding sequence
-            parts.append(paged_attention(q_dec, k_cache, v_cache, self.decode_tables, self.decode_positions)[:, 0])
+        for first, end, tables in self.decode_groups:
+            q_dec = q[first:end, None]  # (S, 1, Hq, D): one query per decoding sequence
+            pos = self.positions[first:end, None]  # (S, 1)
+            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos)[:, 0])
         for offset, n, start, table in self.prefills:
             rows = slice(offset, offset + n)
             if start == 0:  # nothing cached before this chunk: plain causal attention on its own K/V
