@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import plots, report, runner
 
     settings = settings_from_args(args)
+    settings.command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out or Path("bench_out") / f"{Path(args.model).name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     results = runner.run(settings)
     print(report.render(results))

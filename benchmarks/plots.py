@@ -9,6 +9,8 @@ from typing import Any
 
 import matplotlib
 
+from benchmarks.targets import pair_ratio
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -32,10 +34,13 @@ def ladder(results: dict[str, Any], path: Path) -> Path | None:
         chapters = [(e, r["output_tok_s"]) for e, r in wl["engines"].items() if _is_chapter(e)]
         bars = ax.bar([c for c, _ in chapters], [v for _, v in chapters], color="tab:blue")
         prev = None
-        for bar, (_, v) in zip(bars, chapters):  # the value, and the step up from the chapter before
-            text = (f"{v:.0f}" if v >= 10 else f"{v:.1f}") + ("" if prev is None else f"\n({v / prev:.1f}x)")
+        for bar, (e, v) in zip(bars, chapters):  # the value, and the step from the chapter before (pairwise)
+            step = (
+                "" if prev is None else f"\n({pair_ratio(wl['engines'][e]['runs'], wl['engines'][prev]['runs']):.1f}x)"
+            )
+            text = (f"{v:.0f}" if v >= 10 else f"{v:.1f}") + step
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-            prev = v
+            prev = e
         values = [v for _, v in chapters]
         for other, style in zip(LINE_ENGINES, ("--", ":")):
             if other in wl["engines"]:

@@ -40,6 +40,7 @@ class Settings:
     # on CUDA an equal share of half the free memory, since all engines live in one process)
     kv_cache_memory: int | None = None
     bandwidth: bool = True  # measure copy bandwidth (for the decode roofline)
+    command: str = ""  # the command line that asked for this run (recorded in the result)
 
 
 def variant_name(engine: str, key: str, value: Any) -> str:
@@ -60,10 +61,21 @@ def plan_engines(s: Settings) -> list[tuple[str, str, dict[str, Any]]]:
     return plan
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(s: Settings, bandwidth: float | None) -> dict[str, Any]:
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -168,7 +180,7 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     results = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": s.command or " ".join(sys.argv),
         "machine": machine_info(s, bandwidth),
         "model": {**model.summary(), "dtype": s.dtype, "weight_bytes_per_decode_step": step_bytes},
         "settings": {

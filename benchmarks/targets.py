@@ -3,6 +3,7 @@ the benchmark's report and by tests/test_perf.py, which picks up each target onc
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 
@@ -25,6 +26,11 @@ TARGETS: list[Target] = [
 ]
 
 
+def pair_ratio(runs_a: list[dict], runs_b: list[dict]) -> float:
+    """Median over rounds of A's output tok/s over B's, paired round by round (runs as in results.json)."""
+    return statistics.median(a["output_tok_s"] / b["output_tok_s"] for a, b in zip(runs_a, runs_b))
+
+
 def check_targets(results: dict) -> list[dict]:
     """Each target whose two engines and workload are in `results` (a benchmark JSON): the ratio, pass or fail.
 
@@ -36,9 +42,7 @@ def check_targets(results: dict) -> list[dict]:
             continue
         if results.get("machine", {}).get("device_type", "cpu") != t.device:
             continue
-        a, b = wl["engines"][t.engine]["runs"], wl["engines"][t.baseline]["runs"]
-        rs = sorted(x["output_tok_s"] / y["output_tok_s"] for x, y in zip(a, b))
-        ratio = rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
+        ratio = pair_ratio(wl["engines"][t.engine]["runs"], wl["engines"][t.baseline]["runs"])
         out.append(
             {
                 "engine": t.engine,
