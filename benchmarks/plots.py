@@ -53,7 +53,8 @@ def ladder(results: dict[str, Any], path: Path) -> Path | None:
             ax.set_yscale("log")
         ax.set_title(f"{name} ({wl['num_requests']} req, {wl['output_tokens']} out tok)", fontsize=10)
         ax.set_ylabel("output tokens/s")
-        ax.tick_params(axis="x", labelrotation=30 if len(chapters) > 5 else 0)
+        if len(chapters) > 5 or any(len(c) > 6 for c, _ in chapters):  # long names (variants) slant
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
         ax.margins(y=0.15)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
