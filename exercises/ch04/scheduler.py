@@ -36,10 +36,11 @@ class Scheduler(_reference.Scheduler):
            running sequence (self.running[-1]) and retry; if that was this sequence itself, stop.
            Then self.block_manager.append_slot(seq).
         2. Then waiting sequences, first come first served, while tokens are left in the budget,
-           fewer than max_num_seqs are running, nothing was preempted this step, and
-           self.block_manager.can_allocate(seq). Allocate its blocks (prefix-cache hits count as
-           computed), move it to running, and schedule min(uncomputed, budget left) tokens;
-           without chunked prefill, a prompt that does not fit the budget whole waits instead.
+           fewer than max_num_seqs are running, nothing was preempted this step, and its blocks
+           (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare.
+           Allocate them (prefix-cache hits count as computed), move it to running, and schedule
+           min(uncomputed, budget left) tokens; without chunked prefill, a prompt that does not
+           fit the budget whole waits instead.
         Every scheduled sequence's num_computed_tokens is advanced by its count, and
         self.block_manager.commit(seq) indexes the blocks this step completes.
         """

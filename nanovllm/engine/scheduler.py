@@ -35,6 +35,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # admission keeps 1% of the pool free, so a request is not admitted only to be preempted a step later
+        self.watermark_blocks = int(0.01 * block_manager.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
 
@@ -68,10 +70,11 @@ class Scheduler:
            running sequence (self.running[-1]) and retry; if that was this sequence itself, stop.
            Then self.block_manager.append_slot(seq).
         2. Then waiting sequences, first come first served, while tokens are left in the budget,
-           fewer than max_num_seqs are running, nothing was preempted this step, and
-           self.block_manager.can_allocate(seq). Allocate its blocks (prefix-cache hits count as
-           computed), move it to running, and schedule min(uncomputed, budget left) tokens;
-           without chunked prefill, a prompt that does not fit the budget whole waits instead.
+           fewer than max_num_seqs are running, nothing was preempted this step, and its blocks
+           (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare.
+           Allocate them (prefix-cache hits count as computed), move it to running, and schedule
+           min(uncomputed, budget left) tokens; without chunked prefill, a prompt that does not
+           fit the budget whole waits instead.
         Every scheduled sequence's num_computed_tokens is advanced by its count, and
         self.block_manager.commit(seq) indexes the blocks this step completes.
         """
@@ -96,7 +99,7 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             seq = self.waiting[0]
-            if not bm.can_allocate(seq):
+            if bm.blocks_needed(seq) + self.watermark_blocks > bm.num_free_blocks:
                 break
             if not self.enable_chunked_prefill and len(seq) - len(bm.cached_prefix(seq)) * bm.block_size > budget:
                 break

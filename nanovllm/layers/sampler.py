@@ -41,7 +41,8 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # (B, V)
-    remove_sorted = mass_before >= top_p[:, None]
+    # top_p = 1 keeps all: in float32 the running sum of a peaked distribution can reach 1.0 before the end
+    remove_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
