@@ -115,6 +115,11 @@ class LLM:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory held for K and V: none here, everything is recomputed."""
+        return 0
+
     def prepare(
         self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[tuple[list[int], SamplingParams]]:

@@ -123,6 +123,10 @@ class LLM(Chapter1LLM):
             cfg.num_layers, rows, self.max_model_len, cfg.num_kv_heads, cfg.head_dim, torch_dtype, device
         )
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

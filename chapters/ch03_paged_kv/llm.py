@@ -84,6 +84,10 @@ class LLM(Chapter1LLM):
         self.attention = PagedAttention(self.pool)
         self.stats = {"prompt_tokens": 0, "prefill_tokens_computed": 0, "prefix_cached_tokens": 0, "peak_running": 0}
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.pool.nbytes
+
     def worst_case_tokens(self, seq: Sequence) -> int:
         return min(len(seq) + seq.params.max_tokens, self.max_model_len)
 

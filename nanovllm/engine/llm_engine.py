@@ -73,6 +73,10 @@ class LLMEngine:
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.pool.nbytes
+
     # ---- the request-level API ---------------------------------------------------------------------------
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
