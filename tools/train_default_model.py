@@ -373,6 +373,9 @@ can run faster than two):
 | this model, last training batches | {m["final_train_loss"]:.3f} | {math.exp(m["final_train_loss"]):.2f} |
 
 Held-out loss scores every held-out story on its own from `<s>`, with `</s>` as its last target.
+The second drop of the curve, after a long plateau, is the model learning to copy a story's names from earlier
+in the text (an induction-style attention pattern): on the plateau, a name already mentioned cost about as much
+as a fresh guess among the generator's names (over 4 nats); once learned, well under 1 nat.
 
 ![loss curve](loss_curve.png)
 
