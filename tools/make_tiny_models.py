@@ -147,6 +147,11 @@ def main() -> None:
         folder = OUT / name
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        # transformers 5 names its own backend class here; PreTrainedTokenizerFast loads in 4.x too
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+        tok_config.pop("backend", None)
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         results["models"][name] = oracle(model, tokenizer)
         print(name, sum(p.numel() for p in model.parameters()), "parameters")
     (OUT / "oracle.json").write_text(json.dumps(results, indent=1) + "\n")
