@@ -35,7 +35,8 @@ def test_transformers_still_reproduces_the_stored_oracle(oracle, family):
             )
             logits = model(ids).logits[0, -1]
         assert out[0, ids.shape[1] :].tolist() == case["greedy"]
-        torch.testing.assert_close(logits, torch.tensor(case["last_logits"]), atol=1e-5, rtol=0)
+        # 1e-4: fp32 sums change in the last bits with the thread count and the CPU
+        torch.testing.assert_close(logits, torch.tensor(case["last_logits"]), atol=1e-4, rtol=0)
 
 
 def published_stories_text(readme: Path) -> str:
