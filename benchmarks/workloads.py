@@ -56,6 +56,13 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         ),
         WorkloadSpec("mixed-small", "8 requests, prompts 8-64, outputs 8-64 (perf tests, CI)", 8, (8, 64), (8, 64)),
         WorkloadSpec(
+            "mixed-64",
+            "64 requests, prompts 16-512, outputs 16-256 (continuous batching's workload, issue 4)",
+            64,
+            (16, 512),
+            (16, 256),
+        ),
+        WorkloadSpec(
             "nano-vllm-bench",
             "256 requests, prompts and outputs 100-1024 (nano-vLLM's GPU benchmark)",
             256,
