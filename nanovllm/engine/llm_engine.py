@@ -87,13 +87,10 @@ class LLMEngine:
         ids = prompt_ids(self.tokenizer, prompt, self.max_model_len, self.config.vocab_size)
         self.block_manager.check_fits(len(ids), params.max_tokens, self.max_model_len)
         gen = self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        request_id = next(self._ids)
-        seq = Sequence(ids, params, generator=gen)
-        seq.text_end = None  # where a stop string cut the text
-        self.requests[request_id] = seq
-        seq.request_id = request_id
+        seq = Sequence(ids, params, generator=gen, request_id=next(self._ids))
+        self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq.request_id
 
     def abort(self, request_id: int) -> None:
         """Stop a request now: its blocks return to the pool at once; the others carry on undisturbed."""

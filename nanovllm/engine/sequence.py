@@ -32,6 +32,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    request_id: int = -1  # the engine's id for it
+    text_end: int | None = None  # where a stop string cut the output text
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
