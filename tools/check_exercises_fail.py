@@ -20,8 +20,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "exercise", "--impl=exercises", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={report}", *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "exercise",
+            "--impl=exercises",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            *sys.argv[1:],
+        ]
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if run.returncode != 1:  # 1: tests ran and some failed; anything else: collection error, usage error...
             print(run.stdout[-3000:], run.stderr[-3000:], f"pytest exited with {run.returncode}, expected 1", sep="\n")

@@ -8,6 +8,7 @@ from torch import nn
 from nanovllm.config import ModelConfig
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.attention import AttentionBackend
+from nanovllm.layers.linear import Linear
 from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 
@@ -18,10 +19,10 @@ class SelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -42,9 +43,9 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
@@ -78,7 +79,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -91,6 +92,15 @@ class DecoderForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
         return self.model.norm(x)
+
+    @torch.no_grad()
+    def transpose_weights_(self) -> None:
+        """For inference: every Linear keeps W^T (faster matrix-vector products); tied embeddings share it."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.transpose_weight_()
+        if self.config.tie_word_embeddings:  # the embedding reads rows of the same memory: (vocab, hidden) view
+            self.model.embed_tokens.weight = nn.Parameter(self.lm_head.weight.t(), requires_grad=False)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., E) -> (..., vocab) logits in float32; call it on the positions you sample from only."""

@@ -129,4 +129,6 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         net.lm_head.weight = net.model.embed_tokens.weight
     net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     load_state_dict_into(net, tensors, source)
-    return LoadedModel(net.to(torch_dtype).eval(), cfg, tokenizer, path)
+    net = net.to(torch_dtype).eval()
+    net.transpose_weights_()
+    return LoadedModel(net, cfg, tokenizer, path)
