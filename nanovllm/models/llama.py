@@ -99,8 +99,9 @@ class DecoderForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.transpose_weight_()
-        if self.config.tie_word_embeddings:  # the embedding reads rows of the same memory: (vocab, hidden) view
-            self.model.embed_tokens.weight = nn.Parameter(self.lm_head.weight.t(), requires_grad=False)
+        if self.config.tie_word_embeddings:  # the embedding reads the same memory as a (vocab, hidden) view
+            del self.model.embed_tokens.weight  # a plain tensor from now on: one parameter, counted once
+            self.model.embed_tokens.weight = self.lm_head.weight.t()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., E) -> (..., vocab) logits in float32; call it on the positions you sample from only."""
