@@ -40,7 +40,7 @@ TASKS: dict[str, list[Task]] = {
     ],
     "ch02": [
         Task("ch02", 1, "write_kv", "chapters.ch02_kv_cache.kv_cache", "store new K/V at their positions"),
-        Task("ch02", 2, "padded_causal_mask", "chapters.ch02_kv_cache.kv_cache", "the mask for a padded batch"),
+        Task("ch02", 2, "padded_causal_mask", "nanovllm.layers.attention", "the mask for a padded batch"),
         Task("ch02", 3, "right_pad", "chapters.ch02_kv_cache.llm", "batch prompts of different lengths"),
         Task("ch02", 4, "generate_batch", "chapters.ch02_kv_cache.llm", "prefill once, then decode from the cache"),
     ],

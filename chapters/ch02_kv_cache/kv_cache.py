@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanovllm.layers.attention import masked_attention
+from nanovllm.layers.attention import masked_attention, padded_causal_mask
 
 
 def write_kv(
@@ -23,23 +23,6 @@ def write_kv(
     rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(positions)  # (B, T)
     k_cache[rows, positions] = k
     v_cache[rows, positions] = v
-
-
-def padded_causal_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Which cache slots each new token may attend to: slot j is visible from position p when j <= p.
-
-    With right padding this causal rule is also the padding mask: every padding slot lies to
-    the right of every real token of its row, so no real query can see one, and a decode
-    step at position p sees exactly the row's p + 1 real tokens.
-
-    Args:
-        positions: (B, T) positions of the new tokens.
-        num_slots: how many cache slots the attention reads (the largest position + 1).
-    Returns:
-        (B, T, num_slots) boolean mask, True where attention is allowed.
-    """
-    slots = torch.arange(num_slots, device=positions.device)  # (S,)
-    return slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
 
 
 class ContiguousKVCache:

@@ -14,7 +14,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.io import Prompt, finish_reason, make_output
 from nanovllm.engine.kv_cache import KVPool, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.layers.attention import paged_attention, store_kv
+from nanovllm.layers.attention import padded_causal_mask, paged_attention, store_kv
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -40,14 +40,17 @@ class PagedAttention:
         device = self.pool.k.device
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         self.block_tables = torch.tensor(tables, device=device)  # (B, max_blocks)
-        self.slots = torch.tensor(slots, device=device).flatten()  # (B * T,)
+        slots = torch.tensor(slots, device=device).flatten()  # (B * T,)
+        self.stored = (slots >= 0).nonzero()[:, 0]  # the rows of real tokens, once for all layers
+        self.slots = slots[self.stored]
         self.positions = torch.tensor(positions, device=device)  # (B, T)
+        self.mask = padded_causal_mask(self.positions, width * bs)  # (B, T, S): the same for every layer
         return torch.tensor(ids, device=device), self.positions
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        store_kv(k_cache, v_cache, k.flatten(0, 1), v.flatten(0, 1), self.slots)
-        return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions)
+        store_kv(k_cache, v_cache, k.flatten(0, 1)[self.stored], v.flatten(0, 1)[self.stored], self.slots)
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions, self.mask)
 
 
 class LLM(Chapter1LLM):

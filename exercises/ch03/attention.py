@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, paged_attention  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, paged_attention, padded_causal_mask  # the rest of the file, as given
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

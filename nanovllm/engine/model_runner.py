@@ -6,7 +6,7 @@ import torch
 
 from nanovllm.engine.kv_cache import KVPool, slot_mapping
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.attention import causal_attention, paged_attention, store_kv
+from nanovllm.layers.attention import causal_attention, padded_causal_mask, paged_attention, store_kv
 from nanovllm.models import DecoderForCausalLM
 
 
@@ -47,6 +47,11 @@ class VarlenPagedAttention:
             self._append(seqs[i], num_tokens[i], ids, positions, slots, last, i, bs)
         self.slots = torch.tensor(slots, device=device)
         self.positions = torch.tensor(positions, device=device)  # (N,)
+        bs = self.pool.block_size
+        self.decode_masks = [  # (S, 1, width * block_size) per group: built once, used by every layer
+            padded_causal_mask(self.positions[first:end, None], tables.shape[1] * bs)
+            for first, end, tables in self.decode_groups
+        ]
         return torch.tensor(ids, device=device)[None], self.positions[None], last
 
     GROUP_RATIO = 0.7  # a decode joins the current group while its block count is >= 70% of the group's first
@@ -71,10 +76,10 @@ class VarlenPagedAttention:
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
         store_kv(k_cache, v_cache, k, v, self.slots)
         parts = []
-        for first, end, tables in self.decode_groups:
+        for (first, end, tables), mask in zip(self.decode_groups, self.decode_masks):
             q_dec = q[first:end, None]  # (S, 1, Hq, D): one query per decoding sequence
             pos = self.positions[first:end, None]  # (S, 1)
-            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos)[:, 0])
+            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask)[:, 0])
         for offset, n, start, table in self.prefills:
             rows = slice(offset, offset + n)
             if start == 0:  # nothing cached before this chunk: plain causal attention on its own K/V

@@ -55,14 +55,9 @@ def masked_attention(
 def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write N tokens' K and V into the block pool (num_blocks, block_size, Hkv, D) at flat slots; -1 skips a token."""
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks * block_size, Hkv, D)
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    flat_k.index_copy_(0, slot_mapping, k)
-    flat_v.index_copy_(0, slot_mapping, v)
+    """Write N tokens' K and V (N, Hkv, D) into the block pool (num_blocks, block_size, Hkv, D) at flat slots (N,)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)  # pool as (num_blocks * block_size, Hkv, D)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -82,10 +77,36 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of q (B, T, Hq, D) at `positions` (B, T) over each sequence's cached K/V, read through block tables."""
+    """Attention of q (B, T, Hq, D) at `positions` (B, T) over each sequence's cached K/V, read through block tables.
+
+    `mask` (B, T, S), from `padded_causal_mask`, is the same for every layer: engines build it once per step.
+    """
     k = gather_kv(k_cache, block_tables)  # (B, S, Hkv, D)
     v = gather_kv(v_cache, block_tables)
-    mask = torch.arange(k.shape[1], device=q.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    if mask is None:
+        mask = padded_causal_mask(positions, k.shape[1])
     return masked_attention(q, k, v, mask)
+
+
+def padded_causal_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Which cache slots each new token may attend to: slot j is visible from position p when j <= p.
+
+    With right padding this causal rule is also the padding mask: every padding slot lies to
+    the right of every real token of its row, so no real query can see one, and a decode
+    step at position p sees exactly the row's p + 1 real tokens.
+
+    Args:
+        positions: (B, T) positions of the new tokens.
+        num_slots: how many cache slots the attention reads (the largest position + 1).
+    Returns:
+        (B, T, num_slots) boolean mask, True where attention is allowed.
+    """
+    slots = torch.arange(num_slots, device=positions.device)  # (S,)
+    return slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
