@@ -97,6 +97,8 @@ def test_bad_prompts_and_mismatched_params(llm):
 def test_chapter1_refuses_sampling_it_does_not_implement(llm):
     with pytest.raises(ValueError, match="top_p"):
         llm.generate(["a"], SamplingParams(top_p=0.5), use_tqdm=False)
+    with pytest.raises(ValueError, match="min_tokens"):
+        llm.generate(["a"], SamplingParams(min_tokens=2), use_tqdm=False)
 
 
 def test_generation_stops_at_the_context_end(oracle):

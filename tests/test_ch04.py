@@ -314,6 +314,59 @@ def test_stop_strings_stop_ids_and_min_tokens():
     assert len(late["token_ids"]) >= 10
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_still_stops():
+    llm = engine()
+    free = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    text = free["text"]
+    tail = next(text[-n:] for n in range(1, len(text) + 1) if text.index(text[-n:]) == len(text) - n)
+    short = SamplingParams(temperature=0, max_tokens=len(free["token_ids"]), stop=[tail])
+    cut = llm.generate(["Once upon"], short, use_tqdm=False)[0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == text[: len(text) - len(tail)]
+
+
+def test_stop_strings_wait_for_min_tokens():
+    llm = engine()
+    free = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    text = free[0]["text"]
+    first = next(text[:n] for n in range(1, len(text)) if text.count(text[:n]) == 1)  # occurs once, at the start
+    late = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[first], min_tokens=5)
+    out = llm.generate(["Once upon"], late, use_tqdm=False)[0]  # the string came before min_tokens: no stop
+    assert out["token_ids"] == free[0]["token_ids"] and out["finish_reason"] == "length"
+
+
+def test_one_bad_request_in_generate_queues_none_of_them():
+    llm = engine(blocks=8)
+    fine = SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate(["Once upon", "The cat"], [fine, SamplingParams(max_tokens=500)], use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(["Once upon", "The cat"], [fine, SamplingParams(stop_token_ids=[10**6])], use_tqdm=False)
+    assert not llm.has_unfinished() and not llm.requests
+
+
+def test_a_request_may_fill_the_whole_pool_when_alone():
+    llm = engine(blocks=128, block_size=2)  # the admission watermark (1 block) must not lock it out
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompt = [3 + i % 200 for i in range(246)]  # 246 + 10 tokens: the whole context, all 128 blocks
+    rid = llm.add_request(prompt, params)
+    for _ in range(100):
+        if not llm.has_unfinished():
+            break
+        llm.step()
+    out = llm.output(rid)
+    assert out["finish_reason"] == "length" and len(out["token_ids"]) == 10
+
+
+def test_a_finished_output_is_handed_over_once():
+    llm = engine()
+    rid = llm.add_request("Once upon", SamplingParams(max_tokens=3))
+    while llm.has_unfinished():
+        llm.step()
+    assert len(llm.output(rid)["token_ids"]) == 3
+    with pytest.raises(KeyError, match="already taken"):
+        llm.output(rid)
+
+
 def test_repetition_penalty_matches_transformers():
     from transformers import AutoModelForCausalLM
 

@@ -23,6 +23,7 @@ LATER_SAMPLING_FIELDS = (
     "frequency_penalty",
     "stop",
     "include_stop_str_in_output",
+    "min_tokens",  # chapter 4 bans EOS and stop ids until then; merely not stopping would change the tokens
 )
 
 

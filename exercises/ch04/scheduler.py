@@ -37,7 +37,8 @@ class Scheduler(_reference.Scheduler):
            Then self.block_manager.append_slot(seq).
         2. Then waiting sequences, first come first served, while tokens are left in the budget,
            fewer than max_num_seqs are running, nothing was preempted this step, and its blocks
-           (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare.
+           (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare (no
+           spare needed when nothing is running).
            Allocate them (prefix-cache hits count as computed), move it to running, and schedule
            min(uncomputed, budget left) tokens; without chunked prefill, a prompt that does not
            fit the budget whole waits instead.

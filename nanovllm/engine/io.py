@@ -20,7 +20,7 @@ def prepare_inputs(
     vocab_size: int,
 ) -> list[tuple[list[int], SamplingParams]]:
     """Tokenize and check every prompt, and pair it with its SamplingParams (one for all, or one each)."""
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]  # a single prompt
     prompts = list(prompts)
     if sampling_params is None:
@@ -34,6 +34,8 @@ def prepare_inputs(
     for p in params:
         if not isinstance(p, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        if bad := [t for t in p.stop_token_ids if t >= vocab_size]:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return [(prompt_ids(tokenizer, p, max_model_len, vocab_size), sp) for p, sp in zip(prompts, params)]
 
 
@@ -75,9 +77,13 @@ def make_output(tokenizer: Tokenizer, prompt: list[int], output: list[int], reas
     return {"text": incremental_text(tokenizer, prompt, output), "token_ids": output, "finish_reason": reason}
 
 
-def stop_string_cut(text: str, stop: list[str], include: bool) -> int | None:
-    """Where the output text ends if it contains a stop string (earliest match), else None."""
-    hits = [(text.find(s), s) for s in stop if s in text]
+def stop_string_cut(text: str, stop: list[str], include: bool, searched: int = 0) -> int | None:
+    """Where the output text ends if a stop string ends after `searched` (earliest match), else None.
+
+    `searched` is how much of the text earlier steps already searched: only a stop string that the
+    new text completes can match, so each step's search is short and text from before min_tokens is skipped.
+    """
+    hits = [(i, s) for s in stop if (i := text.find(s, max(0, searched - len(s) + 1))) >= 0]
     if not hits:
         return None
     index, s = min(hits)

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.io import Prompt, finish_reason, prepare_inputs, prompt_ids, stop_string_cut
+from nanovllm.engine.io import Prompt, finish_reason, prepare_inputs, stop_string_cut
 from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
@@ -81,11 +81,19 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Bad prompts and requests that can never fit fail here."""
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        ids = prompt_ids(self.tokenizer, prompt, self.max_model_len, self.config.vocab_size)
-        self.block_manager.check_fits(len(ids), params.max_tokens, self.max_model_len)
+        [(ids, params)] = self._checked([prompt], sampling_params)
+        return self._add(ids, params)
+
+    def _checked(
+        self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None
+    ) -> list[tuple[list[int], SamplingParams]]:
+        """Every request validated (prompt, parameters, room in the pool) before any of them is queued."""
+        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
+        for ids, params in inputs:
+            self.block_manager.check_fits(len(ids), params.max_tokens, self.max_model_len)
+        return inputs
+
+    def _add(self, ids: list[int], params: SamplingParams) -> int:
         gen = self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
         seq = Sequence(ids, params, generator=gen, request_id=next(self._ids))
         self.requests[seq.request_id] = seq
@@ -109,6 +117,8 @@ class LLMEngine:
         self.stats["preemptions"] += len(batch.preempted)
         self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running))
         if not batch.seqs:
+            if self.scheduler.waiting and not self.scheduler.running:  # check_fits promised every request fits
+                raise RuntimeError("the scheduler could not admit a request into an empty engine")
             return []
         ready = [i for i, s in enumerate(batch.seqs) if s.num_computed_tokens == len(s)]  # reached the end
         logits = self.runner.run(batch.seqs, batch.num_tokens, ready)
@@ -123,19 +133,31 @@ class LLMEngine:
             reason = finish_reason(
                 seq.output_ids, seq.params, self.tokenizer.eos_token_ids, len(seq), self.max_model_len
             )
-            if seq.params.stop and reason is None:
+            # a stop string outranks the length limit (the last allowed token may complete it), not min_tokens
+            if seq.params.stop and reason != "stop":
                 text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
-                cut = stop_string_cut(text, seq.params.stop, seq.params.include_stop_str_in_output)
-                if cut is not None:
-                    seq.text_end, reason = cut, "stop"
+                if len(seq.output_ids) >= seq.params.min_tokens:
+                    p = seq.params
+                    cut = stop_string_cut(text, p.stop, p.include_stop_str_in_output, seq.text_searched)
+                    if cut is not None:
+                        seq.text_end, reason = cut, "stop"
+                seq.text_searched = len(text)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason))
         return outputs
 
     def output(self, request_id: int) -> dict:
-        """The finished (or current) result of a request: text, generated token ids, finish reason."""
-        seq = self.requests[request_id]
+        """The result of a request so far: text, generated token ids, finish reason.
+
+        A finished request's result is handed over once and then forgotten, so an engine that
+        serves request after request does not keep them all.
+        """
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise KeyError(f"no request {request_id}: unknown, or its finished output was already taken")
+        if seq.is_finished:
+            del self.requests[request_id]
         text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
         if seq.text_end is not None:
             text = text[: seq.text_end]
@@ -149,14 +171,14 @@ class LLMEngine:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
-        inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
-        ids = [self.add_request(p, sp) for p, sp in inputs]
+        ids = [self._add(p, sp) for p, sp in self._checked(prompts, sampling_params)]
+        mine = set(ids)
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
-        start, done = time.perf_counter(), 0
+        start = time.perf_counter()
         prefill0, decode0 = self.stats["prefill_tokens"], self.stats["decode_tokens"]
         try:
             while self.has_unfinished():
-                finished = sum(o.finished for o in self.step())
+                finished = sum(o.finished for o in self.step() if o.request_id in mine)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(
@@ -164,10 +186,6 @@ class LLMEngine:
                         decode=f"{(self.stats['decode_tokens'] - decode0) / elapsed:.0f} tok/s",
                     )
                     bar.update(finished)
-                done += finished
         finally:
             bar.close()
-        outputs = [self.output(i) for i in ids]
-        for i in ids:
-            del self.requests[i]
-        return outputs
+        return [self.output(i) for i in ids]

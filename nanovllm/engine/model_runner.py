@@ -42,15 +42,23 @@ class VarlenPagedAttention:
             self._append(seqs[i], 1, ids, positions, slots, last, i, bs)
         self._close_group(group_tables, len(ids), device)
         for i in prefills:
-            start = seqs[i].num_computed_tokens - num_tokens[i]
-            self.prefills.append((len(ids), num_tokens[i], start, torch.tensor([seqs[i].block_table], device=device)))
-            self._append(seqs[i], num_tokens[i], ids, positions, slots, last, i, bs)
+            n = num_tokens[i]
+            start = seqs[i].num_computed_tokens - n
+            # a chunk reads the blocks up to its own last token, not those later chunks will fill
+            table = seqs[i].block_table[: -(-(start + n) // bs)]
+            self.prefills.append((len(ids), n, start, torch.tensor([table], device=device)))
+            self._append(seqs[i], n, ids, positions, slots, last, i, bs)
         self.slots = torch.tensor(slots, device=device)
         self.positions = torch.tensor(positions, device=device)  # (N,)
-        bs = self.pool.block_size
-        self.decode_masks = [  # (S, 1, width * block_size) per group: built once, used by every layer
+        # masks are the same for every layer: built once per step. Decode groups: (S, 1, width * block_size);
+        # a chunk after cached context: (1, n, blocks * block_size); a first chunk is plainly causal (None).
+        self.decode_masks = [
             padded_causal_mask(self.positions[first:end, None], tables.shape[1] * bs)
             for first, end, tables in self.decode_groups
+        ]
+        self.prefill_masks = [
+            padded_causal_mask(self.positions[None, offset : offset + n], table.shape[1] * bs) if start else None
+            for offset, n, start, table in self.prefills
         ]
         return torch.tensor(ids, device=device)[None], self.positions[None], last
 
@@ -80,12 +88,13 @@ class VarlenPagedAttention:
             q_dec = q[first:end, None]  # (S, 1, Hq, D): one query per decoding sequence
             pos = self.positions[first:end, None]  # (S, 1)
             parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask)[:, 0])
-        for offset, n, start, table in self.prefills:
+        for (offset, n, start, table), mask in zip(self.prefills, self.prefill_masks):
             rows = slice(offset, offset + n)
             if start == 0:  # nothing cached before this chunk: plain causal attention on its own K/V
                 parts.append(causal_attention(q[None, rows], k[None, rows], v[None, rows])[0])
             else:
-                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, self.positions[None, rows])[0])
+                pos = self.positions[None, rows]  # (1, n)
+                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask)[0])
         return torch.cat(parts)[None]  # (1, N, Hq, D), rows in the order prepare() laid them out
 
 

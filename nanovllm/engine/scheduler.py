@@ -71,7 +71,8 @@ class Scheduler:
            Then self.block_manager.append_slot(seq).
         2. Then waiting sequences, first come first served, while tokens are left in the budget,
            fewer than max_num_seqs are running, nothing was preempted this step, and its blocks
-           (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare.
+           (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare (no
+           spare needed when nothing is running).
            Allocate them (prefix-cache hits count as computed), move it to running, and schedule
            min(uncomputed, budget left) tokens; without chunked prefill, a prompt that does not
            fit the budget whole waits instead.
@@ -99,7 +100,9 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             seq = self.waiting[0]
-            if bm.blocks_needed(seq) + self.watermark_blocks > bm.num_free_blocks:
+            # alone, a request may fill the whole pool: check_fits let it in on that promise
+            spare = self.watermark_blocks if self.running else 0
+            if bm.blocks_needed(seq) + spare > bm.num_free_blocks:
                 break
             if not self.enable_chunked_prefill and len(seq) - len(bm.cached_prefix(seq)) * bm.block_size > budget:
                 break

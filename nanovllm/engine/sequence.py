@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None = None
     request_id: int = -1  # the engine's id for it
     text_end: int | None = None  # where a stop string cut the output text
+    text_searched: int = 0  # output text already searched for stop strings
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
