@@ -357,14 +357,20 @@ def test_a_request_may_fill_the_whole_pool_when_alone():
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 10
 
 
-def test_a_finished_output_is_handed_over_once():
+def test_release_forgets_a_request_and_frees_its_blocks():
     llm = engine()
-    rid = llm.add_request("Once upon", SamplingParams(max_tokens=3))
+    done = llm.add_request("Once upon", SamplingParams(max_tokens=3))
     while llm.has_unfinished():
         llm.step()
-    assert len(llm.output(rid)["token_ids"]) == 3
-    with pytest.raises(KeyError, match="already taken"):
-        llm.output(rid)
+    assert len(llm.output(done)["token_ids"]) == 3 == len(llm.output(done)["token_ids"])  # read as often as needed
+    running = llm.add_request("The cat", SamplingParams(max_tokens=30))
+    llm.step()
+    llm.release(done)
+    llm.release(running)  # still running: aborted, its blocks back at once
+    assert not llm.requests and not llm.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    with pytest.raises(KeyError, match="released"):
+        llm.output(done)
 
 
 def test_repetition_penalty_matches_transformers():

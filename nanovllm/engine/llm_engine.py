@@ -107,6 +107,12 @@ class LLMEngine:
             return
         self.scheduler.finish(seq, "abort")
 
+    def release(self, request_id: int) -> None:
+        """Forget a request (aborting it if it still runs): a server calls this once it has sent the result,
+        so an engine that serves request after request does not keep them all."""
+        self.abort(request_id)
+        self.requests.pop(request_id, None)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -148,16 +154,10 @@ class LLMEngine:
         return outputs
 
     def output(self, request_id: int) -> dict:
-        """The result of a request so far: text, generated token ids, finish reason.
-
-        A finished request's result is handed over once and then forgotten, so an engine that
-        serves request after request does not keep them all.
-        """
+        """The result of a request so far: text, generated token ids, finish reason."""
         seq = self.requests.get(request_id)
         if seq is None:
-            raise KeyError(f"no request {request_id}: unknown, or its finished output was already taken")
-        if seq.is_finished:
-            del self.requests[request_id]
+            raise KeyError(f"no request {request_id}: unknown, or released")
         text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
         if seq.text_end is not None:
             text = text[: seq.text_end]
@@ -188,4 +188,7 @@ class LLMEngine:
                     bar.update(finished)
         finally:
             bar.close()
-        return [self.output(i) for i in ids]
+        outputs = [self.output(i) for i in ids]
+        for i in ids:
+            self.release(i)
+        return outputs
