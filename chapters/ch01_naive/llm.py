@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs
+from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs, request_generator
 from nanovllm.layers.attention import causal_attention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
@@ -133,7 +133,7 @@ class LLM:
 
     def generator_for(self, params: SamplingParams) -> torch.Generator:
         """A seeded request gets its own random stream; the others share the engine's."""
-        return self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        return request_generator(params, self.generator)
 
     def generate(
         self,

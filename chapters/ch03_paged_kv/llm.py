@@ -12,7 +12,7 @@ from chapters.ch01_naive.llm import LLM as Chapter1LLM
 from chapters.ch01_naive.llm import sample_token
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.io import Prompt, finish_reason, make_output
-from nanovllm.engine.kv_cache import KVPool, pool_for_model, slot_mapping
+from nanovllm.engine.kv_cache import KVPool, pad_block_tables, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
 from nanovllm.layers.attention import padded_causal_mask, paged_attention, store_kv
 from nanovllm.sampling_params import SamplingParams
@@ -36,10 +36,9 @@ class PagedAttention:
             # padding repeats the last position: it sees only real keys, and its slot is -1 (not stored)
             positions.append(pos + [pos[-1]] * (T - n))
             slots.append(slot_mapping(seq.block_table, pos, bs) + [-1] * (T - n))
-        width = max(len(s.block_table) for s in seqs)
         device = self.pool.k.device
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        self.block_tables = torch.tensor(tables, device=device)  # (B, max_blocks)
+        self.block_tables = pad_block_tables([s.block_table for s in seqs], device)  # (B, max_blocks)
+        width = self.block_tables.shape[1]
         slots = torch.tensor(slots, device=device).flatten()  # (B * T,)
         self.stored = (slots >= 0).nonzero()[:, 0]  # the rows of real tokens, once for all layers
         self.slots = slots[self.stored]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs
+from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs, request_generator
 from nanovllm.layers.attention import causal_attention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams

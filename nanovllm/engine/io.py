@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Union
 
+import torch
+
 from nanovllm.errors import PromptTooLongError
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.tokenizer import Tokenizer, incremental_text
@@ -72,9 +74,21 @@ def finish_reason(
     return None
 
 
-def make_output(tokenizer: Tokenizer, prompt: list[int], output: list[int], reason: str) -> dict:
-    """One result: the generated text and tokens (the prompt is not repeated), and why it stopped."""
-    return {"text": incremental_text(tokenizer, prompt, output), "token_ids": output, "finish_reason": reason}
+def make_output(
+    tokenizer: Tokenizer, prompt: list[int], output: list[int], reason: str | None, text_end: int | None = None
+) -> dict:
+    """One result: the generated text (cut at text_end, where a stop string matched) and tokens (the prompt is
+    not repeated), and why it stopped."""
+    text = incremental_text(tokenizer, prompt, output)
+    return {"text": text[:text_end] if text_end is not None else text, "token_ids": output, "finish_reason": reason}
+
+
+def request_generator(params: SamplingParams, shared: torch.Generator) -> torch.Generator:
+    """A seeded request gets its own random stream (same seed, same tokens, whatever shares its batch);
+    the others draw from the engine's shared one."""
+    if params.seed is None:
+        return shared
+    return torch.Generator(shared.device).manual_seed(params.seed)
 
 
 def stop_string_cut(text: str, stop: list[str], include: bool, searched: int = 0) -> int | None:

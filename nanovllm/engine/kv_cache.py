@@ -24,6 +24,16 @@ def slot_mapping(block_table: list[int], positions: list[int], block_size: int) 
     return [block_table[p // block_size] * block_size + p % block_size for p in positions]
 
 
+def pad_block_tables(tables: list[list[int]], device: str | torch.device) -> torch.Tensor:
+    """Block tables of different lengths as one (B, longest) tensor, padded with block 0.
+
+    What attention reads through a padding entry lies past the sequence's last position, where
+    the mask by position hides it, so any valid block id will do.
+    """
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (B, width)
+
+
 class KVPool:
     """K and V tensors of shape (layers, num_blocks, block_size, kv_heads, head_dim)."""
 

@@ -11,7 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.io import Prompt, finish_reason, prepare_inputs, stop_string_cut
+from nanovllm.engine.io import (
+    Prompt,
+    finish_reason,
+    make_output,
+    prepare_inputs,
+    request_generator,
+    stop_string_cut,
+)
 from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
@@ -94,8 +101,7 @@ class LLMEngine:
         return inputs
 
     def _add(self, ids: list[int], params: SamplingParams) -> int:
-        gen = self.generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        seq = Sequence(ids, params, generator=gen, request_id=next(self._ids))
+        seq = Sequence(ids, params, generator=request_generator(params, self.generator), request_id=next(self._ids))
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -158,10 +164,7 @@ class LLMEngine:
         seq = self.requests.get(request_id)
         if seq is None:
             raise KeyError(f"no request {request_id}: unknown, or released")
-        text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
-        if seq.text_end is not None:
-            text = text[: seq.text_end]
-        return {"text": text, "token_ids": seq.output_ids, "finish_reason": seq.finish_reason}
+        return make_output(self.tokenizer, seq.prompt_ids, seq.output_ids, seq.finish_reason, seq.text_end)
 
     # ---- the batch API every chapter shares --------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanovllm.engine.kv_cache import KVPool, slot_mapping
+from nanovllm.engine.kv_cache import KVPool, pad_block_tables, slot_mapping
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import causal_attention, padded_causal_mask, paged_attention, store_kv
 from nanovllm.models import DecoderForCausalLM
@@ -66,9 +66,7 @@ class VarlenPagedAttention:
 
     def _close_group(self, tables: list[list[int]], end: int, device: torch.device) -> None:
         if tables:
-            width = len(tables[0])  # the longest: groups are sorted longest first
-            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (S, width)
-            self.decode_groups.append((end - len(tables), end, padded))
+            self.decode_groups.append((end - len(tables), end, pad_block_tables(tables, device)))  # (S, width)
 
     @staticmethod
     def _append(seq: Sequence, n: int, ids: list, positions: list, slots: list, last: list, i: int, bs: int) -> None:

@@ -84,7 +84,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted as a victim below
+            if seq.status is not Status.RUNNING:  # preempted as a victim below
                 break
             while not bm.can_append(seq):
                 victim = self.running[-1]
