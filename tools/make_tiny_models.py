@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from train_default_model import portable_tokenizer_config  # tools/ is on the path when run as a script
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -147,11 +148,7 @@ def main() -> None:
         folder = OUT / name
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        # transformers 5 names its own backend class here; PreTrainedTokenizerFast loads in 4.x too
-        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-        tok_config.pop("backend", None)
-        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        portable_tokenizer_config(folder)  # loads in transformers 4 and 5
         results["models"][name] = oracle(model, tokenizer)
         print(name, sum(p.numel() for p in model.parameters()), "parameters")
     (OUT / "oracle.json").write_text(json.dumps(results, indent=1) + "\n")
