@@ -26,6 +26,21 @@ class RunResult:
     token_ids: list[list[int]]  # generated tokens, one list per request
     ttft_s: list[float] | None = None  # per request: submit -> first token (streaming engines only)
     tpot_s: list[float] | None = None  # per request: (last token - first token) / (n - 1)
+    forward_passes: int | None = None  # calls of the model's forward during the run (None: cannot tell)
+
+
+class ForwardCounter:
+    """Counts calls of a torch module's forward (a forward pre-hook): how many steps an engine took."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.count = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
+        self.count += 1
+
+    def since(self, start: int) -> int:
+        return self.count - start
 
 
 class Engine:
@@ -159,17 +174,23 @@ class ChapterEngine(Engine):
         self.options = {**common, **chapter_options}
         self.llm = mod.LLM(str(model.path), **{"dtype": dtype, "device": device, "seed": 0, **self.options})
         self.streams = stream and all(hasattr(self.llm, a) for a in ("add_request", "step", "has_unfinished"))
+        model = getattr(self.llm, "model", None)
+        self.passes = ForwardCounter(model) if isinstance(model, torch.nn.Module) else None
 
     def params(self, r: Request):
         return self.SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
 
     def run(self, requests: list[Request]) -> RunResult:
+        start = self.passes.count if self.passes else 0
         if self.streams:
-            return self._run_streaming(requests)
-        t0 = time.perf_counter()
-        outs = self.llm.generate([r.prompt for r in requests], [self.params(r) for r in requests], use_tqdm=False)
-        wall = time.perf_counter() - t0
-        return RunResult(wall, [list(o["token_ids"]) for o in outs])
+            result = self._run_streaming(requests)
+        else:
+            t0 = time.perf_counter()
+            outs = self.llm.generate([r.prompt for r in requests], [self.params(r) for r in requests], use_tqdm=False)
+            result = RunResult(time.perf_counter() - t0, [list(o["token_ids"]) for o in outs])
+        if self.passes:
+            result.forward_passes = self.passes.since(start)
+        return result
 
     def _run_streaming(self, requests: list[Request]) -> RunResult:
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.engines import Engine, RunResult
+from benchmarks.engines import Engine, ForwardCounter, RunResult
 from benchmarks.models import ResolvedModel
 from benchmarks.workloads import Request
 
@@ -63,6 +63,7 @@ class TransformersEngine(Engine):
             top_k=None,
         )
         self.model.generation_config = self.gen_config
+        self.passes = ForwardCounter(self.model)
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -75,6 +76,7 @@ class TransformersEngine(Engine):
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> RunResult:
         tokens: list[list[int]] = []
+        start = self.passes.count
         t0 = time.perf_counter()
         for batch in self.batches(requests):
             width = max(len(r.prompt) for r in batch)
@@ -95,7 +97,7 @@ class TransformersEngine(Engine):
             tokens.extend(row[: r.max_tokens] for row, r in zip(out, batch))
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return RunResult(time.perf_counter() - t0, tokens)
+        return RunResult(time.perf_counter() - t0, tokens, forward_passes=self.passes.since(start))
 
     def kv_cache_bytes(self, requests: list[Request]) -> int | None:
         """Computed, not measured: transformers' dynamic cache grows to batch x (longest prompt + new tokens)."""

@@ -126,6 +126,7 @@ class RunMetrics:
     ttft_s: dict[str, float] | None
     tpot_s: dict[str, float] | None
     token_ids: list[list[int]] = field(repr=False, default_factory=list)
+    forward_passes: int | None = None
 
 
 def run_metrics(workload: Workload, result: RunResult, ttft_run_s: float | None = None) -> RunMetrics:
@@ -153,6 +154,7 @@ def run_metrics(workload: Workload, result: RunResult, ttft_run_s: float | None 
         median_p99(ttft),
         median_p99(tpot),
         result.token_ids,
+        result.forward_passes,
     )
 
 
@@ -239,6 +241,7 @@ def summarize(m: Measured, engine: str, baseline: str | None) -> dict[str, Any]:
         if med("tpot_s", "median") is None
         else {"median": med("tpot_s", "median"), "p99": med("tpot_s", "p99")},
         "ttft_source": m.ttft_source.get(engine),
+        "forward_passes": med("forward_passes"),
         "peak_mem_bytes": m.peak_rss.get(engine),
         "run_mem_bytes": m.run_growth.get(engine),
         "runs": [{"wall_s": x.wall_s, "output_tok_s": x.output_tok_s} for x in runs],

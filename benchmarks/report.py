@@ -29,6 +29,7 @@ ENGINE_KEYS = (
     "ttft_s",
     "tpot_s",
     "ttft_source",
+    "forward_passes",
     "peak_mem_bytes",
     "run_mem_bytes",
     "load_mem_bytes",
@@ -75,8 +76,8 @@ def table(results: dict[str, Any]) -> str:
     """One Markdown table: a row per workload and engine."""
     rows = [
         "| workload | engine | out tok/s | total tok/s | req/s | TTFT ms (med / p99) | TPOT ms (med / p99) "
-        "| engine mem MiB | KV MiB | roofline | ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| passes | engine mem MiB | KV MiB | roofline | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for wl_name, wl in results["workloads"].items():
         for name, e in wl["engines"].items():
@@ -85,6 +86,7 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 f"| {wl_name} | {name} | {_num(e['output_tok_s'])} | {_num(e['total_tok_s'])} | "
                 f"{_num(e['req_s'], '{:.2f}')} | {_ms(e['ttft_s'])} | {_ms(e['tpot_s'])} | "
+                f"{_num(e.get('forward_passes'), '{:.0f}')} | "
                 f"{_mib(e['engine_mem_bytes'])} | {_mib(e['kv_cache_bytes'])} | "
                 f"{'–' if roof is None else f'{roof:.0%}'} | {'–' if ratio is None else f'{ratio:.2f}x'} |"
             )
@@ -104,7 +106,8 @@ def targets_text(results: dict[str, Any]) -> str:
 
 LEGEND = (
     "out/total tok/s, req/s: medians over rounds. TTFT/TPOT: per request, streamed (or, for one request, from a "
-    "max_tokens=1 run); – when the engine cannot tell. engine mem: memory the engine added on loading, plus the "
+    "max_tokens=1 run); – when the engine cannot tell. passes: forward passes of the model in one run (steps). "
+    "engine mem: memory the engine added on loading, plus the "
     "most one run added. KV: the engine's KV cache (transformers: computed from its batches). roofline: weight "
     "bytes per decode step / step time / measured copy bandwidth (one-request workloads). ratio: output tok/s "
     "over the baseline's, median of the per-round pairs."

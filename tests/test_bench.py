@@ -276,6 +276,10 @@ def test_command_writes_json_table_and_plots(tmp_path, capsys):
     d1 = results["workloads"]["decode-1"]["engines"]["ch01"]
     assert d1["ttft_source"] == "max_tokens=1 run" and d1["tpot_s"]["median"] > 0 and d1["roofline_fraction"] > 0
     assert d1["ratio_vs_baseline"] == 1.0 and d1["kv_cache_bytes"] == 0
+    # one request, n new tokens: the naive loop and transformers' generate each run the model n times
+    n = results["workloads"]["decode-1"]["output_tokens"]
+    assert d1["forward_passes"] == n
+    assert results["workloads"]["decode-1"]["engines"]["transformers[batch_size=1]"]["forward_passes"] == n
     assert "| decode-1 | ch01 |" in printed and (out / "table.md").read_text().startswith("model tiny-llama")
     for png in ("ladder.png", "batch_scaling.png", "sweep_transformers_batch_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
