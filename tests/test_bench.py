@@ -296,3 +296,19 @@ def test_stories260k_through_transformers_matches_chapter_1(stories260k, tmp_pat
     hf = create_engine("transformers", model, "cpu", "float32", {"batch_size": 4}).run(w.requests)
     ch01 = create_engine("ch01", model, "cpu", "float32", {}).run(w.requests)
     assert hf.token_ids == ch01.token_ids
+
+
+def test_breakdown_parts_add_up_and_count_passes(capsys):
+    """`python -m benchmarks.breakdown`: the parts sum to the wall time, each measured part took time."""
+    from benchmarks import breakdown
+
+    model = resolve_model(str(TINY))
+    w = make_workload(get_spec("decode-1").with_options(output_len=5), model.vocab_size, model.max_model_len)
+    engine = create_engine("ch02", model, "cpu", "float32", {}, {"max_model_len": 64})
+    row = breakdown.breakdown(engine, w.requests)
+    assert row["forward_passes"] == 5  # a prefill, then one decode per further token
+    assert sum(row["seconds"].values()) == pytest.approx(row["wall_s"])
+    assert all(row["seconds"][p] > 0 for p in ("weights", "logits", "attention"))
+    assert breakdown.main(["--model", str(TINY), "--workload", "mixed-small", "--engines", "ch03,ch04"]) == 0
+    table = capsys.readouterr().out
+    assert "| ch03 |" in table and "| ch04 |" in table and "| ch03 / ch04 |" in table
