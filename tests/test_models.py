@@ -111,6 +111,26 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_model(tmp_path / "nope")
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "not a torch device"), ("mps", "runs on 'cpu' or 'cuda'")]
+    + ([] if torch.cuda.is_available() else [("cuda", "not available"), ("cuda:1", "not available")]),
+)
+def test_unusable_device_is_a_clear_error(device, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(TINY_MODELS / "tiny-llama", device=device)
+
+
+@pytest.mark.parametrize("block_size", [0, -16, 2.5])
+def test_bad_block_size_is_a_clear_error(block_size):
+    from chapters.ch03_paged_kv import LLM as Chapter3
+    from nanovllm import LLM
+
+    for engine in (Chapter3, LLM):
+        with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+            engine(str(TINY_MODELS / "tiny-llama"), block_size=block_size)
+
+
 def test_folder_without_config(tmp_path):
     folder = copy_model(tmp_path)
     (folder / "config.json").unlink()

@@ -68,6 +68,7 @@ class KVPool:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> KVPool:
+        check_block_size(block_size)
         per_block = cls.bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype)
         if budget < per_block:
             raise ValueError(
@@ -91,6 +92,11 @@ class KVPool:
         )
 
 
+def check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+
+
 def pool_for_model(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -101,6 +107,7 @@ def pool_for_model(
     default_tokens: int,
 ) -> KVPool:
     """The model's KV pool: `kv_cache_memory` bytes, else a fraction of free GPU memory, else default_tokens on CPU."""
+    check_block_size(block_size)
     args = (config.num_layers, block_size, config.num_kv_heads, config.head_dim, dtype)
     if kv_cache_memory is not None:
         budget = int(kv_cache_memory)

@@ -46,6 +46,22 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> None:
+    """Refuse, in words, a device this machine or this torch build cannot use (before any weight is read)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device (try 'cpu' or 'cuda'): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} is not available: {why}; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device {device!r} is not supported: nanovllm runs on 'cpu' or 'cuda'")
+
+
 def load_state_dict_into(model: DecoderForCausalLM, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy checkpoint tensors into the model, checking names and shapes; a tied lm_head may be absent."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -107,6 +123,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         hint = " (short names: " + ", ".join(SHORT_NAMES) + ")"
         raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder{hint}")
     torch_dtype = resolve_dtype(dtype)
+    check_device(device)
     llama2c = find_llama2c(path)
     if llama2c is not None:
         hf_config, tensors = read_llama2c(llama2c[0])
