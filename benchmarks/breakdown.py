@@ -15,8 +15,11 @@ The hooks cost a few microseconds per module call: a small share of a step that 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default="ch03,ch04", help="comma-separated chapter engines")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--engine-opt", action="append", default=[], metavar="ENGINE:KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None, help="folder to save breakdown.json and breakdown.md in")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,8 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         engine.run(warmup)
         rows[name] = breakdown(engine, requests)
         engine.close()
-    print(f"model {args.model}, workload {spec.name}, {torch.get_num_threads()} threads\n")
-    print(render(rows))
+    text = f"model {args.model}, workload {spec.name}, {torch.get_num_threads()} threads\n\n{render(rows)}"
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python -m benchmarks.breakdown " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "breakdown.md").write_text(f"`{command}`\n\n{text}\n")
+        saved = {"command": command, "model": args.model, "workload": spec.name, "threads": torch.get_num_threads()}
+        (args.out / "breakdown.json").write_text(json.dumps({**saved, "engines": rows}, indent=1))
+        print(f"\nwrote {args.out / 'breakdown.md'}, {args.out / 'breakdown.json'}")
     return 0
 
 

@@ -298,7 +298,7 @@ def test_stories260k_through_transformers_matches_chapter_1(stories260k, tmp_pat
     assert hf.token_ids == ch01.token_ids
 
 
-def test_breakdown_parts_add_up_and_count_passes(capsys):
+def test_breakdown_parts_add_up_and_count_passes(capsys, tmp_path):
     """`python -m benchmarks.breakdown`: the parts sum to the wall time, each measured part took time."""
     from benchmarks import breakdown
 
@@ -309,6 +309,9 @@ def test_breakdown_parts_add_up_and_count_passes(capsys):
     assert row["forward_passes"] == 5  # a prefill, then one decode per further token
     assert sum(row["seconds"].values()) == pytest.approx(row["wall_s"])
     assert all(row["seconds"][p] > 0 for p in ("weights", "logits", "attention"))
-    assert breakdown.main(["--model", str(TINY), "--workload", "mixed-small", "--engines", "ch03,ch04"]) == 0
+    argv = ["--model", str(TINY), "--workload", "mixed-small", "--engines", "ch03,ch04", "--out", str(tmp_path)]
+    assert breakdown.main(argv) == 0
     table = capsys.readouterr().out
     assert "| ch03 |" in table and "| ch04 |" in table and "| ch03 / ch04 |" in table
+    saved = json.loads((tmp_path / "breakdown.json").read_text())
+    assert set(saved["engines"]) == {"ch03", "ch04"} and "| ch03 / ch04 |" in (tmp_path / "breakdown.md").read_text()
