@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.engines import create_engine, parse_option
+from benchmarks.engines import canonical_name, create_engine, engine_options
 from benchmarks.models import resolve_model
 from benchmarks.workloads import fit_to_context, get_spec, make_workload
 
@@ -109,17 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    options: dict[str, dict[str, Any]] = {}
-    for text in args.engine_opt:
-        engine, key, value = parse_option(text)
-        options.setdefault(engine, {})[key] = value
+    options = engine_options(args.engine_opt)
     model = resolve_model(args.model)
     spec = fit_to_context(get_spec(args.workload), model.max_model_len)
     requests = make_workload(spec, model.vocab_size, model.max_model_len, model.special_ids).requests
     warmup = make_workload(spec, model.vocab_size, model.max_model_len, model.special_ids, 1).capped(16).requests
     shared = {"max_model_len": spec.longest + 1}
     rows = {}
-    for name in args.engines.split(","):
+    for name in (canonical_name(e) for e in args.engines.split(",")):
         engine = create_engine(name, model, "cpu", "float32", options.get(name, {}), shared)
         engine.run(warmup)
         rows[name] = breakdown(engine, requests)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.engines import canonical_name, known_engines, literal, parse_option
+from benchmarks.engines import canonical_name, engine_options, known_engines, literal, parse_option
 from benchmarks.models import MODELS, cache_dir
 from benchmarks.workloads import WORKLOADS
 
@@ -86,10 +86,7 @@ def settings_from_args(args: argparse.Namespace):
     engines = [canonical_name(e) for e in args.engines.split(",") if e.strip()]
     if engines == ["all"]:
         engines = known_engines()
-    opts: dict[str, dict[str, Any]] = {}
-    for text in args.engine_opt:
-        engine, key, value = parse_option(text)
-        opts.setdefault(engine, {})[key] = value
+    opts = engine_options(args.engine_opt)
     wl_opts = {}
     for text in args.workload_opt:
         key, eq, value = text.partition("=")

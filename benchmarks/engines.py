@@ -101,6 +101,15 @@ def parse_option(text: str) -> tuple[str, str, Any]:
     return canonical_name(engine), key.strip(), literal(value.strip())
 
 
+def engine_options(texts: list[str]) -> dict[str, dict[str, Any]]:
+    """Every --engine-opt, grouped by engine: ['ch03:a=1', 'ch03:b=2'] -> {'ch03': {'a': 1, 'b': 2}}."""
+    options: dict[str, dict[str, Any]] = {}
+    for text in texts:
+        engine, key, value = parse_option(text)
+        options.setdefault(engine, {})[key] = value
+    return options
+
+
 def literal(value: str) -> Any:
     try:
         return ast.literal_eval(value)
