@@ -55,6 +55,9 @@ class KVPool:
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V bytes of one block, all layers; every pool is sized through here, so it checks block_size."""
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     @classmethod
@@ -68,7 +71,6 @@ class KVPool:
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
     ) -> KVPool:
-        check_block_size(block_size)
         per_block = cls.bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype)
         if budget < per_block:
             raise ValueError(
@@ -92,11 +94,6 @@ class KVPool:
         )
 
 
-def check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-
-
 def pool_for_model(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -107,8 +104,8 @@ def pool_for_model(
     default_tokens: int,
 ) -> KVPool:
     """The model's KV pool: `kv_cache_memory` bytes, else a fraction of free GPU memory, else default_tokens on CPU."""
-    check_block_size(block_size)
     args = (config.num_layers, block_size, config.num_kv_heads, config.head_dim, dtype)
+    per_block = KVPool.bytes_per_block(*args)  # first: it refuses a block_size below 1
     if kv_cache_memory is not None:
         budget = int(kv_cache_memory)
     elif torch.device(device).type == "cuda":
@@ -117,5 +114,5 @@ def pool_for_model(
         free, total = torch.cuda.mem_get_info(torch.device(device))
         budget = int(free - (1.0 - gpu_memory_utilization) * total)
     else:
-        budget = -(-default_tokens // block_size) * KVPool.bytes_per_block(*args)
+        budget = -(-default_tokens // block_size) * per_block
     return KVPool.from_budget(budget, *args, device=device)
