@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     return parser
 
 
@@ -37,14 +38,32 @@ def generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
     start = time.perf_counter()
-    outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    if args.stream:
+        outputs = [stream(llm, args.prompts, params)]
+    else:
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+        for prompt, out in zip(args.prompts, outputs):
+            print(f"{prompt}\033[1m{out['text']}\033[0m" if sys.stdout.isatty() else prompt + out["text"])
+            print()
     elapsed = time.perf_counter() - start
-    for prompt, out in zip(args.prompts, outputs):
-        print(f"{prompt}\033[1m{out['text']}\033[0m" if sys.stdout.isatty() else prompt + out["text"])
-        print()
     tokens = sum(len(o["token_ids"]) for o in outputs)
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.0f} tok/s; {llm.pool.describe()}]", file=sys.stderr)
     return 0
+
+
+def stream(llm, prompts: list[str], params: SamplingParams) -> dict:
+    """One prompt, its continuation printed piece by piece as the engine's steps produce it."""
+    if len(prompts) != 1:
+        raise ValueError(f"--stream takes one prompt, got {len(prompts)}")
+    request = llm.add_request(prompts[0], params)
+    print(prompts[0], end="", flush=True)
+    while llm.has_unfinished():
+        for out in llm.step():
+            print(out.text, end="", flush=True)
+    print("\n")
+    result = llm.output(request)
+    llm.release(request)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,6 +275,58 @@ def test_step_streams_tokens_and_abort_frees_blocks_at_once():
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
+def stream(llm, requests: dict) -> dict:
+    """Run to the end; each request's StepOutput.text pieces, in order."""
+    pieces = {i: [] for i in requests}
+    while llm.has_unfinished():
+        for out in llm.step():
+            pieces[out.request_id].append(out.text)
+    return pieces
+
+
+def test_streamed_text_adds_up_to_the_output_and_never_shows_a_stop_string():
+    llm = engine()
+    free = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    stop = free[0]["text"][8:11]
+    params = {
+        "plain": SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        "stop": SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]),
+        "kept": SamplingParams(
+            temperature=0, max_tokens=20, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+        ),
+        "sampled": SamplingParams(temperature=1.0, max_tokens=30, seed=3),
+    }
+    ids = {llm.add_request("Once upon", p): name for name, p in params.items()}
+    pieces = stream(llm, ids)
+    for request_id, name in ids.items():
+        text = llm.output(request_id)["text"]
+        assert "".join(pieces[request_id]) == text, name
+    # "stop": text that may be a stop string's start is held back, so the stop string is never sent
+    stopped = next(i for i, n in ids.items() if n == "stop")
+    assert all(stop not in "".join(pieces[stopped][: k + 1]) for k in range(len(pieces[stopped])))
+    assert stop in "".join(pieces[next(i for i, n in ids.items() if n == "kept")])
+    assert llm.output(next(i for i, n in ids.items() if n == "stop"))["finish_reason"] == "stop"
+
+
+def test_stop_strings_cost_a_short_decode_per_token_not_the_whole_text():
+    from nanovllm.utils.tokenizer import incremental_text
+
+    llm = engine()
+    tok = llm.tokenizer
+    lengths = []
+    real_decode = tok.decode
+    tok.decode = lambda ids: lengths.append(len(ids)) or real_decode(ids)
+    prompt = tok.encode("Once upon a time")
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, stop=["never in a story: 0xFFFF"])
+    [request] = stream(llm, {llm.add_request(prompt, params): 0}).items()
+    tok.decode = real_decode
+    out = llm.output(request[0])
+    assert len(out["token_ids"]) == 60 and "".join(request[1]) == out["text"]
+    assert out["text"] == incremental_text(tok, prompt, out["token_ids"])
+    # each step decodes a window of a few tokens; decoding the whole text each step would read > 1800 tokens
+    assert max(lengths[:-2]) <= len(prompt) + 12 and sum(lengths) < 20 * (len(prompt) + 60)
+
+
 def test_seeded_requests_give_the_same_tokens_whatever_shares_the_batch():
     from chapters.ch01_naive import LLM as Chapter1
 

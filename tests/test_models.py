@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import FAMILIES, TINY_MODELS
 from nanovllm.errors import ModelFormatError, UnsupportedArchitectureError
 from nanovllm.utils.loader import load_model
+from nanovllm.utils.tokenizer import IncrementalDetokenizer, incremental_text
 
 pytestmark = pytest.mark.ch01
 
@@ -63,6 +66,59 @@ def test_llama2c_tokenizer_matches_sentencepiece(stories260k):
     for text in ["Once upon a time", "Lily's mom said, 'Hi!'", "ünïcode → bytes 42", "a\nnew line"]:
         assert tok.encode(text) == [1, *sp.encode(text)], text
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many tokens each decode call reads."""
+
+    def __init__(self, tok):
+        self.tok, self.special_ids, self.calls = tok, tok.special_ids, []
+
+    def decode(self, ids: list[int]) -> str:
+        self.calls.append(len(ids))
+        return self.tok.decode(ids)
+
+
+# ids 0-2 print nothing in these tokenizers; 3-258 are llama2.c's raw bytes (characters split across tokens)
+TOKEN_IDS = st.one_of(st.integers(0, 2), st.integers(3, 258), st.integers(0, 383))
+
+
+@pytest.mark.parametrize("source", ["tests/models/tiny-llama", "default", "stories260K"])
+@settings(max_examples=80, deadline=None)
+@given(
+    prompt=st.text(max_size=12),
+    output=st.lists(TOKEN_IDS, min_size=1, max_size=60),
+    chunks=st.lists(st.integers(1, 3), min_size=60, max_size=60),
+)
+def test_incremental_detokenizer_adds_up_to_the_decoded_continuation(source, prompt, output, chunks):
+    """Token by token, in chunks of any size, the text equals decoding the whole output after the prompt
+    (leading spaces, special tokens, characters split across byte tokens), and each decode reads a short window."""
+    tok = TOKENIZERS[source]()
+    prompt_ids = tok.encode(prompt)
+    detok = IncrementalDetokenizer(CountingTokenizer(tok), prompt_ids)
+    pieces, i = [], 0
+    for size in chunks:
+        if i >= len(output):
+            break
+        pieces.append(detok.add(output[i : i + size]))
+        i += size
+    pieces.append(detok.flush())
+    assert "".join(pieces) == detok.text == incremental_text(tok, prompt_ids, output)
+    # the prompt, then the last piece of text, up to 3 tokens of an unfinished character and the new ones
+    assert max(detok.tokenizer.calls, default=0) <= len(prompt_ids) + 12
+
+
+def _stories_tokenizer():
+    from conftest import shared_path
+
+    return load_model(shared_path("models/stories260K")).tokenizer
+
+
+TOKENIZERS = {
+    "tests/models/tiny-llama": lambda: load_model(TINY_MODELS / "tiny-llama").tokenizer,
+    "default": lambda: load_model("default").tokenizer,
+    "stories260K": _stories_tokenizer,
+}
 
 
 def test_llama2c_checkpoint_agrees_with_transformers_on_the_converted_weights(stories260k, tmp_path):

@@ -26,7 +26,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import sample
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import load_model
-from nanovllm.utils.tokenizer import incremental_text
+from nanovllm.utils.tokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -35,6 +35,7 @@ class StepOutput:
     new_token_ids: list[int]  # produced this step (empty while a chunked prefill is still going)
     finished: bool
     finish_reason: str | None
+    text: str = ""  # output text that became final this step: the pieces add up to output()["text"]
 
 
 class LLMEngine:
@@ -102,6 +103,7 @@ class LLMEngine:
 
     def _add(self, ids: list[int], params: SamplingParams) -> int:
         seq = Sequence(ids, params, generator=request_generator(params, self.generator), request_id=next(self._ids))
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -145,19 +147,35 @@ class LLMEngine:
             reason = finish_reason(
                 seq.output_ids, seq.params, self.tokenizer.eos_token_ids, len(seq), self.max_model_len
             )
+            detok = seq.detokenizer
+            detok.add([token])  # decodes a few tokens, not the whole output
             # a stop string outranks the length limit (the last allowed token may complete it), not min_tokens
             if seq.params.stop and reason != "stop":
-                text = incremental_text(self.tokenizer, seq.prompt_ids, seq.output_ids)
                 if len(seq.output_ids) >= seq.params.min_tokens:
                     p = seq.params
-                    cut = stop_string_cut(text, p.stop, p.include_stop_str_in_output, seq.text_searched)
+                    cut = stop_string_cut(detok.text, p.stop, p.include_stop_str_in_output, seq.text_searched)
                     if cut is not None:
                         seq.text_end, reason = cut, "stop"
-                seq.text_searched = len(text)
+                seq.text_searched = len(detok.text)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason))
+                detok.flush()
+            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason, self._new_text(seq)))
         return outputs
+
+    @staticmethod
+    def _new_text(seq: Sequence) -> str:
+        """The output text that became final since the last step. While a request runs, text that may be the
+        start of a stop string is held back: a stop string never reaches the caller unless asked for."""
+        text = seq.detokenizer.text
+        if seq.is_finished:
+            end = len(text) if seq.text_end is None else seq.text_end
+        else:
+            end = len(text) - max((len(s) - 1 for s in seq.params.stop), default=0)
+        if end <= seq.text_sent:
+            return ""
+        new, seq.text_sent = text[seq.text_sent : end], end
+        return new
 
     def output(self, request_id: int) -> dict:
         """The result of a request so far: text, generated token ids, finish reason."""

@@ -9,6 +9,7 @@ from enum import Enum, auto
 import torch
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.tokenizer import IncrementalDetokenizer
 
 _ids = itertools.count()
 
@@ -33,8 +34,10 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     request_id: int = -1  # the engine's id for it
+    detokenizer: IncrementalDetokenizer | None = None  # the output text so far, grown each step
     text_end: int | None = None  # where a stop string cut the output text
     text_searched: int = 0  # output text already searched for stop strings
+    text_sent: int = 0  # output text already handed out in StepOutput.text
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

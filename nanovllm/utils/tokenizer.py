@@ -12,6 +12,7 @@ from nanovllm.errors import ModelFormatError
 class Tokenizer(Protocol):
     bos_token_id: int | None
     eos_token_ids: list[int]
+    special_ids: frozenset[int]  # tokens that decode to nothing (BOS, EOS, padding, ...)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -30,6 +31,7 @@ class HFTokenizer:
             raise ModelFormatError(f"{folder}: could not load the tokenizer ({type(e).__name__}: {e})") from e
         self.bos_token_id = self.tok.bos_token_id
         self.eos_token_ids = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        self.special_ids = frozenset(self.tok.all_special_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -61,6 +63,7 @@ class Llama2cTokenizer:
             raise ModelFormatError(f"{path}: truncated llama2.c tokenizer ({e})") from e
         self.ids = {p: i for i, p in enumerate(self.pieces)}
         self.bos_token_id, self.eos_token_ids = 1, [2]
+        self.special_ids = frozenset({0, 1, 2})
 
     def encode(self, text: str) -> list[int]:
         """BOS, then (for non-empty text) a dummy-prefix space, then BPE by merge score."""
@@ -103,3 +106,55 @@ class Llama2cTokenizer:
 def incremental_text(tokenizer: Tokenizer, prompt_ids: list[int], output_ids: list[int]) -> str:
     """The text the output tokens add after the prompt (decoding them alone can lose a leading space)."""
     return tokenizer.decode(prompt_ids + output_ids)[len(tokenizer.decode(prompt_ids)) :]
+
+
+class IncrementalDetokenizer:
+    """A request's output text, grown token by token at a cost per token that does not grow with the text.
+
+    Decoding new tokens on their own can go wrong two ways: a sentencepiece decoder drops the leading
+    space of a text's first word, and a character of several bytes can span tokens. So each step decodes
+    a short window twice, without and with the new tokens, and keeps what the new tokens add; while the
+    text ends in an unfinished character (U+FFFD), it waits for more tokens. The result is the text
+    `incremental_text` gives, without decoding the whole output again at every step. (A tokenizer that
+    rewrites spaces around punctuation when decoding, `clean_up_tokenization_spaces`, may differ by such a space.)
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        # special tokens print nothing: left out, every token in the window carries at least one byte
+        self.ids = [i for i in prompt_ids if i not in tokenizer.special_ids]
+        self.window_start = 0  # the first window is the whole prompt, decoded twice once
+        self.decoded = len(self.ids)  # ids before this have their text in self.text
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        """Take the next output tokens; returns the text they complete (may be empty, for now)."""
+        self.ids += [i for i in new_ids if i not in self.tokenizer.special_ids]
+        if self.decoded == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.window_start : self.decoded])
+        after = self.tokenizer.decode(self.ids[self.window_start :])
+        if not after.endswith("\ufffd"):
+            return self._take(before, after, len(self.ids))
+        # bytes that make no text pile up: keep the window short. A character has at most 4 bytes, so the
+        # text of a cut that 3 more tokens follow is settled, if the cut splits no character (nor a run of
+        # bytes that together make one U+FFFD): the window's text is the two sides' texts joined.
+        for end in range(len(self.ids) - 3, max(self.decoded, len(self.ids) - 7), -1):
+            settled = self.tokenizer.decode(self.ids[self.window_start : end])
+            if after == settled + self.tokenizer.decode(self.ids[end:]):
+                return self._take(before, settled, end)
+        return ""  # an unfinished character: wait for its next bytes
+
+    def flush(self) -> str:
+        """At the end of the output: whatever is left, unfinished characters included (as U+FFFD)."""
+        if self.decoded == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self.window_start : self.decoded])
+        return self._take(before, self.tokenizer.decode(self.ids[self.window_start :]), len(self.ids))
+
+    def _take(self, before: str, after: str, end: int) -> str:
+        """The text of ids[decoded:end] is final: after (the window up to end) less before (up to decoded)."""
+        new_text = after[len(before) :]
+        self.window_start, self.decoded = self.decoded, end
+        self.text += new_text
+        return new_text
