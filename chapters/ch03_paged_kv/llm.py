@@ -14,7 +14,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.io import Prompt, finish_reason, make_output
 from nanovllm.engine.kv_cache import KVPool, pad_block_tables, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.layers.attention import padded_causal_mask, paged_attention, store_kv
+from nanovllm.layers.attention import GatherBuffer, padded_causal_mask, paged_attention, store_kv
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -23,6 +23,7 @@ class PagedAttention:
 
     def __init__(self, pool: KVPool):
         self.pool = pool
+        self.buffers = (GatherBuffer(), GatherBuffer())  # gathered K, V: the same memory for every layer and step
 
     def begin_step(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Lay out this step's tokens right-padded (B, T); returns (input ids, positions) for the model."""
@@ -49,7 +50,7 @@ class PagedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         store_kv(k_cache, v_cache, k.flatten(0, 1)[self.stored], v.flatten(0, 1)[self.stored], self.slots)
-        return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions, self.mask)
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions, self.mask, self.buffers)
 
 
 class LLM(Chapter1LLM):

@@ -6,7 +6,7 @@ import torch
 
 from nanovllm.engine.kv_cache import KVPool, pad_block_tables, slot_mapping
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.attention import causal_attention, padded_causal_mask, paged_attention, store_kv
+from nanovllm.layers.attention import GatherBuffer, causal_attention, padded_causal_mask, paged_attention, store_kv
 from nanovllm.models import DecoderForCausalLM
 
 
@@ -19,6 +19,7 @@ class VarlenPagedAttention:
 
     def __init__(self, pool: KVPool):
         self.pool = pool
+        self.buffers = (GatherBuffer(), GatherBuffer())  # gathered K, V: the same memory for every group and layer
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Flatten this step's tokens, decodes first: (input ids (1, N), positions (1, N), each sequence's last row).
@@ -85,14 +86,14 @@ class VarlenPagedAttention:
         for (first, end, tables), mask in zip(self.decode_groups, self.decode_masks):
             q_dec = q[first:end, None]  # (S, 1, Hq, D): one query per decoding sequence
             pos = self.positions[first:end, None]  # (S, 1)
-            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask)[:, 0])
+            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask, self.buffers)[:, 0])
         for (offset, n, start, table), mask in zip(self.prefills, self.prefill_masks):
             rows = slice(offset, offset + n)
             if start == 0:  # nothing cached before this chunk: plain causal attention on its own K/V
                 parts.append(causal_attention(q[None, rows], k[None, rows], v[None, rows])[0])
             else:
                 pos = self.positions[None, rows]  # (1, n)
-                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask)[0])
+                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask, self.buffers)[0])
         return torch.cat(parts)[None]  # (1, N, Hq, D), rows in the order prepare() laid them out
 
 
