@@ -121,40 +121,41 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
-        # special tokens print nothing: left out, every token in the window carries at least one byte
-        self.ids = [i for i in prompt_ids if i not in tokenizer.special_ids]
-        self.window_start = 0  # the first window is the whole prompt, decoded twice once
-        self.decoded = len(self.ids)  # ids before this have their text in self.text
+        # the window: the tokens of the last piece of text, then pending ones (at first: the whole prompt).
+        # Special tokens print nothing: left out, so every token in the window carries at least one byte.
+        self.window = [i for i in prompt_ids if i not in tokenizer.special_ids]
+        self.decoded = len(self.window)  # window[:decoded] is already text; window[decoded:] is pending
         self.text = ""
 
     def add(self, new_ids: list[int]) -> str:
         """Take the next output tokens; returns the text they complete (may be empty, for now)."""
-        self.ids += [i for i in new_ids if i not in self.tokenizer.special_ids]
-        if self.decoded == len(self.ids):
+        self.window += [i for i in new_ids if i not in self.tokenizer.special_ids]
+        if self.decoded == len(self.window):
             return ""
-        before = self.tokenizer.decode(self.ids[self.window_start : self.decoded])
-        after = self.tokenizer.decode(self.ids[self.window_start :])
+        before = self.tokenizer.decode(self.window[: self.decoded])
+        after = self.tokenizer.decode(self.window)
         if not after.endswith("\ufffd"):
-            return self._take(before, after, len(self.ids))
+            return self._take(before, after, len(self.window))
         # bytes that make no text pile up: keep the window short. A character has at most 4 bytes, so the
         # text of a cut that 3 more tokens follow is settled, if the cut splits no character (nor a run of
         # bytes that together make one U+FFFD): the window's text is the two sides' texts joined.
-        for end in range(len(self.ids) - 3, max(self.decoded, len(self.ids) - 7), -1):
-            settled = self.tokenizer.decode(self.ids[self.window_start : end])
-            if after == settled + self.tokenizer.decode(self.ids[end:]):
+        for end in range(len(self.window) - 3, max(self.decoded, len(self.window) - 7), -1):
+            settled = self.tokenizer.decode(self.window[:end])
+            if after == settled + self.tokenizer.decode(self.window[end:]):
                 return self._take(before, settled, end)
         return ""  # an unfinished character: wait for its next bytes
 
     def flush(self) -> str:
         """At the end of the output: whatever is left, unfinished characters included (as U+FFFD)."""
-        if self.decoded == len(self.ids):
+        if self.decoded == len(self.window):
             return ""
-        before = self.tokenizer.decode(self.ids[self.window_start : self.decoded])
-        return self._take(before, self.tokenizer.decode(self.ids[self.window_start :]), len(self.ids))
+        before = self.tokenizer.decode(self.window[: self.decoded])
+        return self._take(before, self.tokenizer.decode(self.window), len(self.window))
 
     def _take(self, before: str, after: str, end: int) -> str:
-        """The text of ids[decoded:end] is final: after (the window up to end) less before (up to decoded)."""
+        """The text of window[decoded:end] is final: after (the window up to end) less before (up to decoded)."""
         new_text = after[len(before) :]
-        self.window_start, self.decoded = self.decoded, end
+        del self.window[: self.decoded]  # the next window starts with the tokens of this new text
+        self.decoded = end - self.decoded
         self.text += new_text
         return new_text
