@@ -33,13 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> int:
     from nanovllm import LLM
 
+    if args.stream and len(args.prompts) != 1:  # before loading a model that may take a while
+        raise ValueError(f"--stream takes one prompt, got {len(args.prompts)}")
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     params = SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
     start = time.perf_counter()
     if args.stream:
-        outputs = [stream(llm, args.prompts, params)]
+        outputs = [stream(llm, args.prompts[0], params)]
     else:
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
         for prompt, out in zip(args.prompts, outputs):
@@ -51,12 +53,10 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def stream(llm, prompts: list[str], params: SamplingParams) -> dict:
-    """One prompt, its continuation printed piece by piece as the engine's steps produce it."""
-    if len(prompts) != 1:
-        raise ValueError(f"--stream takes one prompt, got {len(prompts)}")
-    request = llm.add_request(prompts[0], params)
-    print(prompts[0], end="", flush=True)
+def stream(llm, prompt: str, params: SamplingParams) -> dict:
+    """The prompt, then its continuation printed piece by piece as the engine's steps produce it."""
+    request = llm.add_request(prompt, params)
+    print(prompt, end="", flush=True)
     while llm.has_unfinished():
         for out in llm.step():
             print(out.text, end="", flush=True)

@@ -35,7 +35,7 @@ def test_stream_prints_the_same_text_piece_by_piece(capsys, expected):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "a", "b", "--stream"], "--stream takes one prompt, got 2"),
+        (["generate", "a", "b", "--stream", "--model", "/not/loaded"], "--stream takes one prompt, got 2"),
         (["generate", "a", "--temperature", "-1"], "temperature"),
         (["generate", "a", "--model", "/no/such/folder"], "/no/such/folder"),
     ],
