@@ -148,15 +148,14 @@ class LLMEngine:
                 seq.output_ids, seq.params, self.tokenizer.eos_token_ids, len(seq), self.max_model_len
             )
             detok = seq.detokenizer
-            detok.add([token])  # decodes a few tokens, not the whole output
+            new_text = detok.add([token])  # decodes a few tokens, not the whole output
             # a stop string outranks the length limit (the last allowed token may complete it), not min_tokens
-            if seq.params.stop and reason != "stop":
-                if len(seq.output_ids) >= seq.params.min_tokens:
-                    p = seq.params
-                    cut = stop_string_cut(detok.text, p.stop, p.include_stop_str_in_output, seq.text_searched)
-                    if cut is not None:
-                        seq.text_end, reason = cut, "stop"
-                seq.text_searched = len(detok.text)
+            p = seq.params
+            if p.stop and reason != "stop" and len(seq.output_ids) >= p.min_tokens:
+                searched = len(detok.text) - len(new_text)  # earlier steps searched the text before this token's
+                cut = stop_string_cut(detok.text, p.stop, p.include_stop_str_in_output, searched)
+                if cut is not None:
+                    seq.text_end, reason = cut, "stop"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 detok.flush()

@@ -36,7 +36,6 @@ class Sequence:
     request_id: int = -1  # the engine's id for it
     detokenizer: IncrementalDetokenizer | None = None  # the output text so far, grown each step
     text_end: int | None = None  # where a stop string cut the output text
-    text_searched: int = 0  # output text already searched for stop strings
     text_sent: int = 0  # output text already handed out in StepOutput.text
 
     def __post_init__(self) -> None:
