@@ -55,6 +55,7 @@ class LLMEngine:
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        attention_backend: str = "auto",
     ):
         loaded = load_model(model, dtype=dtype, device=device)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
@@ -76,7 +77,7 @@ class LLMEngine:
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             max_num_batched_tokens = self.max_model_len  # every prompt must fit one step
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, attention_backend)
         self.requests: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}

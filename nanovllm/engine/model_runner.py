@@ -6,8 +6,31 @@ import torch
 
 from nanovllm.engine.kv_cache import KVPool, pad_block_tables, slot_mapping
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels.cpu import c_kernels_unavailable, paged_decode_attention
 from nanovllm.layers.attention import GatherBuffer, causal_attention, padded_causal_mask, paged_attention, store_kv
 from nanovllm.models import DecoderForCausalLM
+
+ATTENTION_BACKENDS = ("auto", "torch", "c")
+
+
+def resolve_attention_backend(backend: str, pool: KVPool) -> str:
+    """'torch' (gather the blocks, then PyTorch attention) or 'c' (the C kernel reads them in place) for this pool.
+
+    'auto' takes the C kernel where it applies (a float32 pool on the CPU) and compiles, else PyTorch.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    k = pool.k
+    why = c_kernels_unavailable()
+    if k.device.type != "cpu" or k.dtype != torch.float32:
+        why = f"it runs on float32 CPU tensors, and this KV pool is {k.dtype} on {k.device}"
+    if why is None:
+        return "c"
+    if backend == "c":
+        raise ValueError(f"attention_backend='c' cannot be used: {why}")
+    return "torch"
 
 
 class VarlenPagedAttention:
@@ -15,10 +38,15 @@ class VarlenPagedAttention:
 
     Every token's K/V is stored by slot mapping first, then each query reads its sequence's
     K/V through the block table, so a chunk sees the cached context before it as well as itself.
+
+    Decodes take one of two paths. 'torch' gathers each group's blocks into a padded copy and runs
+    PyTorch attention over it with a mask. 'c' hands every decode to one call of a C kernel that reads
+    the blocks where they lie, each sequence only as far as its own length: no copy, no padding, no mask.
     """
 
-    def __init__(self, pool: KVPool):
+    def __init__(self, pool: KVPool, backend: str = "torch"):
         self.pool = pool
+        self.backend = resolve_attention_backend(backend, pool)
         self.buffers = (GatherBuffer(), GatherBuffer())  # gathered K, V: the same memory for every group and layer
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -36,7 +64,8 @@ class VarlenPagedAttention:
         group_tables: list[list[int]] = []
         for i in decodes:
             table = seqs[i].block_table
-            if not group_tables or len(table) < self.GROUP_RATIO * len(group_tables[0]):
+            # the C kernel reads each sequence to its own length: all decodes make one group
+            if not group_tables or (self.backend == "torch" and len(table) < self.GROUP_RATIO * len(group_tables[0])):
                 self._close_group(group_tables, len(ids), device)
                 group_tables = []
             group_tables.append(table)
@@ -51,12 +80,15 @@ class VarlenPagedAttention:
             self._append(seqs[i], n, ids, positions, slots, last, i, bs)
         self.slots = torch.tensor(slots, device=device)
         self.positions = torch.tensor(positions, device=device)  # (N,)
-        # masks are the same for every layer: built once per step. Decode groups: (S, 1, width * block_size);
-        # a chunk after cached context: (1, n, blocks * block_size); a first chunk is plainly causal (None).
+        # what the decode groups read by is the same for every layer: built once per step. The torch path masks
+        # by position, (S, 1, width * block_size); the C kernel takes each sequence's context length, (S,) int32.
         self.decode_masks = [
             padded_causal_mask(self.positions[first:end, None], tables.shape[1] * bs)
+            if self.backend == "torch"
+            else (self.positions[first:end] + 1).to(torch.int32)
             for first, end, tables in self.decode_groups
         ]
+        # a chunk after cached context: (1, n, blocks * block_size); a first chunk is plainly causal (None)
         self.prefill_masks = [
             padded_causal_mask(self.positions[None, offset : offset + n], table.shape[1] * bs) if start else None
             for offset, n, start, table in self.prefills
@@ -67,7 +99,10 @@ class VarlenPagedAttention:
 
     def _close_group(self, tables: list[list[int]], end: int, device: torch.device) -> None:
         if tables:
-            self.decode_groups.append((end - len(tables), end, pad_block_tables(tables, device)))  # (S, width)
+            padded = pad_block_tables(tables, device)  # (S, width)
+            if self.backend == "c":
+                padded = padded.to(torch.int32)
+            self.decode_groups.append((end - len(tables), end, padded))
 
     @staticmethod
     def _append(seq: Sequence, n: int, ids: list, positions: list, slots: list, last: list, i: int, bs: int) -> None:
@@ -84,6 +119,9 @@ class VarlenPagedAttention:
         store_kv(k_cache, v_cache, k, v, self.slots)
         parts = []
         for (first, end, tables), mask in zip(self.decode_groups, self.decode_masks):
+            if self.backend == "c":  # here the "mask" is the context lengths (S,)
+                parts.append(paged_decode_attention(q[first:end].contiguous(), k_cache, v_cache, tables, mask))
+                continue
             q_dec = q[first:end, None]  # (S, 1, Hq, D): one query per decoding sequence
             pos = self.positions[first:end, None]  # (S, 1)
             parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask, self.buffers)[:, 0])
@@ -98,9 +136,9 @@ class VarlenPagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderForCausalLM, pool: KVPool):
+    def __init__(self, model: DecoderForCausalLM, pool: KVPool, attention_backend: str = "auto"):
         self.model, self.pool = model, pool
-        self.attention = VarlenPagedAttention(pool)
+        self.attention = VarlenPagedAttention(pool, attention_backend)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_tokens: list[int], sample_rows: list[int]) -> torch.Tensor:

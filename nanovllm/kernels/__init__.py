@@ -1,0 +1,1 @@
+"""Kernels: hand-written code for the hot loops that plain PyTorch does badly (C on the CPU)."""

@@ -1,0 +1,147 @@
+"""The C paged decode attention kernel (nanovllm/kernels), checked against PyTorch's own attention.
+
+The oracle is F.scaled_dot_product_attention run on each sequence's K and V laid out contiguously,
+built here straight from the positions, not through any of our paging code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels import cpu as kernels
+
+pytestmark = pytest.mark.ch04
+
+
+@pytest.fixture(autouse=True)
+def c_kernel():
+    why = kernels.c_kernels_unavailable()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must build the C kernel: {why}")
+        pytest.skip(f"the C kernel is not available here: {why}")
+
+
+def random_case(S, Hq, Hkv, D, block_size, lengths, num_blocks=None, seed=0):
+    """S sequences of the given lengths in shuffled blocks of a pool: the kernel's inputs, the oracle, the tables."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    need = sum(-(-n // block_size) for n in lengths)
+    num_blocks = num_blocks or need + 7
+    k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=gen)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lengths]
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)  # (S, width)
+    q = torch.randn(S, Hq, D, generator=gen)
+    expected = []
+    for s, n in enumerate(lengths):
+        slots = [tables[s][p // block_size] * block_size + p % block_size for p in range(n)]
+        k = k_cache.view(-1, Hkv, D)[slots].transpose(0, 1)  # (Hkv, n, D), positions in order
+        v = v_cache.view(-1, Hkv, D)[slots].transpose(0, 1)
+        out = F.scaled_dot_product_attention(q[s][:, None], k, v, enable_gqa=True)  # (Hq, 1, D)
+        expected.append(out[:, 0])
+    inputs = (q, k_cache, v_cache, block_tables, torch.tensor(lengths, dtype=torch.int32))
+    return inputs, torch.stack(expected), tables
+
+
+@pytest.mark.parametrize(
+    "S, Hq, Hkv, D, block_size, lengths",
+    [
+        (1, 4, 4, 64, 16, [1]),  # one token of context
+        (1, 12, 4, 64, 16, [37]),  # one sequence, fewer than threads: its KV heads are shared out
+        (3, 8, 2, 32, 5, [5, 10, 11]),  # grouped-query attention; lengths at and just past a block's end
+        (5, 6, 6, 17, 1, [1, 2, 9, 4, 3]),  # one token per block; a head size no vector width divides
+        (7, 4, 1, 80, 3, [20, 1, 13, 6, 9, 2, 30]),  # one KV head for every query head (multi-query)
+        (8, 8, 4, 64, 16, [300, 290, 260, 200, 160, 120, 64, 17]),  # enough work for several threads
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_pytorch_attention(S, Hq, Hkv, D, block_size, lengths, threads):
+    inputs, expected, _ = random_case(S, Hq, Hkv, D, block_size, lengths)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernel uses as many threads as torch does
+    try:
+        out = kernels.paged_decode_attention(*inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == (S, Hq, D)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reads_nothing_outside_each_sequence_blocks_and_length():
+    """NaN everywhere the kernel must not look: unused blocks and each last block's slots past the length."""
+    lengths = [23, 7, 40]
+    inputs, expected, tables = random_case(3, 4, 2, 16, 8, lengths, num_blocks=40)
+    q, k_cache, v_cache, block_tables, context_lens = inputs
+    used = {(b, i) for t, n in zip(tables, lengths) for p in range(n) for b, i in [(t[p // 8], p % 8)]}
+    for b in range(40):
+        for i in range(8):
+            if (b, i) not in used:
+                k_cache[b, i] = float("nan")
+                v_cache[b, i] = float("nan")
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_writes_into_out_and_bad_inputs_raise():
+    inputs, expected, _ = random_case(2, 4, 4, 16, 4, [5, 9])
+    q, k_cache, v_cache, block_tables, context_lens = inputs
+    out = torch.full_like(q, 7.0)
+    assert kernels.paged_decode_attention(*inputs, out=out) is out
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):  # a block id past the pool
+        kernels.paged_decode_attention(q, k_cache, v_cache, block_tables + k_cache.shape[0], context_lens)
+    with pytest.raises(IndexError, match="out of range"):  # longer than its block table
+        kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens * 10)
+    with pytest.raises(IndexError, match="out of range"):  # no context at all
+        kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens * 0)
+    with pytest.raises(ValueError, match="int32"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, block_tables.long(), context_lens)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.paged_decode_attention(q.double(), k_cache, v_cache, block_tables, context_lens)
+    with pytest.raises(ValueError, match="float32"):  # a non-contiguous view would be read wrongly: refused
+        kernels.paged_decode_attention(q.transpose(0, 1).contiguous().transpose(0, 1), k_cache, v_cache,
+                                       block_tables, context_lens)  # fmt: skip
+
+
+def test_switched_off_the_engine_keeps_to_pytorch(monkeypatch):
+    from nanovllm.engine.kv_cache import KVPool
+    from nanovllm.engine.model_runner import resolve_attention_backend
+
+    pool = KVPool(1, 4, 4, 2, 8, torch.float32)
+    assert resolve_attention_backend("auto", pool) == "c"
+    assert resolve_attention_backend("torch", pool) == "torch"
+    assert resolve_attention_backend("auto", KVPool(1, 4, 4, 2, 8, torch.bfloat16)) == "torch"
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve_attention_backend("c", KVPool(1, 4, 4, 2, 8, torch.bfloat16))
+    with pytest.raises(ValueError, match="attention_backend"):
+        resolve_attention_backend("cuda", pool)
+    monkeypatch.setenv("NANOVLLM_C_KERNELS", "0")
+    kernels._load.cache_clear()
+    try:
+        assert kernels.c_kernels_unavailable() == "NANOVLLM_C_KERNELS=0"
+        assert resolve_attention_backend("auto", pool) == "torch"
+        with pytest.raises(ValueError, match="NANOVLLM_C_KERNELS=0"):
+            resolve_attention_backend("c", pool)
+    finally:
+        monkeypatch.undo()
+        kernels._load.cache_clear()
+
+
+def test_builds_into_a_fresh_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANOVLLM_KERNEL_CACHE", str(tmp_path))
+    kernels._load.cache_clear()
+    try:
+        assert kernels.c_kernels_unavailable() is None
+        assert [p.suffix for p in tmp_path.iterdir()] == [".so"]  # the library, and no half-written leftovers
+    finally:
+        monkeypatch.undo()
+        kernels._load.cache_clear()
