@@ -18,6 +18,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.kv_cache import KVPool
 from nanovllm.engine.sequence import Sequence, Status
+from nanovllm.kernels.cpu import c_kernels_unavailable
 from nanovllm.sampling_params import SamplingParams
 
 CHAPTER = "ch04"
@@ -224,12 +225,10 @@ def test_top_p_boundary_token_carries_real_mass(model_logits):
 # ---- the engine ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_all_tasks_engine_matches_transformers_with_chunks_preemption_and_late_arrivals(impl, oracle, family):
-    data = oracle["models"][family]
+def run_with_late_arrivals(llm, data) -> dict:
+    """Each oracle case twice, a new request every third step; returns {request id: (tokens, expected)}."""
     cases = data["cases"] * 2
     greedy = SamplingParams(temperature=0.0, max_tokens=data["max_new_tokens"])
-    llm = engine(family, blocks=14, max_num_batched_tokens=5)  # tiny pool, tiny token budget
     ids = {}
     for step in range(400):
         if step % 3 == 0 and len(ids) < len(cases):  # a new request every third step
@@ -237,9 +236,28 @@ def test_all_tasks_engine_matches_transformers_with_chunks_preemption_and_late_a
         llm.step()
         if len(ids) == len(cases) and not llm.has_unfinished():
             break
-    assert {i: llm.output(i)["token_ids"] for i in ids} == ids
+    return {i: (llm.output(i)["token_ids"], expected) for i, expected in ids.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_tasks_engine_matches_transformers_with_chunks_preemption_and_late_arrivals(impl, oracle, family):
+    llm = engine(family, blocks=14, max_num_batched_tokens=5)  # tiny pool, tiny token budget
+    results = run_with_late_arrivals(llm, oracle["models"][family])
+    assert {i: got for i, (got, _) in results.items()} == {i: want for i, (_, want) in results.items()}
     assert llm.stats["preemptions"] > 0
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    if c_kernels_unavailable() is None:  # decodes went through the C kernel
+        assert llm.runner.attention.backend == "c"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pytorch_attention_path_matches_transformers_too(oracle, family):
+    """The same run on the PyTorch path, the one a machine without a C compiler takes."""
+    llm = engine(family, blocks=14, max_num_batched_tokens=5, attention_backend="torch")
+    assert llm.runner.attention.backend == "torch"
+    results = run_with_late_arrivals(llm, oracle["models"][family])
+    assert {i: got for i, (got, _) in results.items()} == {i: want for i, (_, want) in results.items()}
+    assert llm.stats["preemptions"] > 0
 
 
 def test_engine_matches_chapter3_on_a_batch():

@@ -52,8 +52,9 @@ class VarlenPagedAttention:
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Flatten this step's tokens, decodes first: (input ids (1, N), positions (1, N), each sequence's last row).
 
-        Decodes are laid out longest context first and cut into groups of similar length: each group
-        gathers K/V padded only to its own longest sequence, not to the longest in the whole batch.
+        Decodes are laid out longest context first. The C kernel takes them all in one group (each sequence read to
+        its own length; longest first balances its threads). The torch path cuts them into groups of similar
+        length: each group gathers K/V padded only to its own longest sequence, not to the longest in the batch.
         """
         device, bs = self.pool.k.device, self.pool.block_size
         decodes = sorted((i for i, n in enumerate(num_tokens) if n == 1), key=lambda i: -len(seqs[i].block_table))

@@ -37,6 +37,20 @@ def _compiler() -> str | None:
     return None
 
 
+def _machine() -> bytes:
+    """What -march=native compiles for: the architecture and, on Linux, the CPU's model and feature flags.
+
+    A home folder shared between machines must not hand one CPU a library built for another's instructions.
+    """
+    machine = platform.machine().encode()
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            lines = [line for line in f.read(1 << 16).splitlines() if line.startswith((b"model name", b"flags"))]
+    except OSError:
+        lines = []
+    return b"\n".join([machine, *sorted(set(lines))])
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("NANOVLLM_KERNEL_CACHE") or Path.home() / ".cache" / "nanovllm" / "kernels")
 
@@ -54,7 +68,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), platform.machine().encode()]))
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _machine()]))
         library = _cache_dir() / f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
         if not library.exists():
             error = _build(cc, flags, library)
