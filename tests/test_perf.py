@@ -48,14 +48,7 @@ def target_id(t: Target) -> str:
 
 
 # Targets measured and not met yet: they run, and are reported as xfail (XPASS once met) with what was seen.
-KNOWN_GAPS = {
-    "ch04-vs-ch03-mixed-64": (
-        "measured 1.5-1.7x on CPU (llama-5m, llama-20m, llama-134m; reference runs 1.69x and 1.57x): chapter 4 "
-        "runs 2.26x fewer forward passes than chapter 3 (420 vs 949 on llama-20m), and what a step shares among "
-        "its rows takes 2.09-2.21x less time, but attention, work per token, only 1.47x less, and it is 48% of "
-        "chapter 4's time on a CPU (python -m benchmarks.breakdown)"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}  # none at present
 
 
 @pytest.mark.perf

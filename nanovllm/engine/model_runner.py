@@ -44,7 +44,7 @@ class VarlenPagedAttention:
     the blocks where they lie, each sequence only as far as its own length: no copy, no padding, no mask.
     """
 
-    def __init__(self, pool: KVPool, backend: str = "torch"):
+    def __init__(self, pool: KVPool, backend: str = "auto"):
         self.pool = pool
         self.backend = resolve_attention_backend(backend, pool)
         self.buffers = (GatherBuffer(), GatherBuffer())  # gathered K, V: the same memory for every group and layer
