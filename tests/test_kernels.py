@@ -145,3 +145,34 @@ def test_builds_into_a_fresh_cache(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernels._load.cache_clear()
+
+
+def test_a_cache_folder_that_cannot_be_made_builds_elsewhere(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("NANOVLLM_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))  # no folder can go there
+    kernels._load.cache_clear()
+    try:
+        assert kernels.c_kernels_unavailable() is None
+        inputs, expected, _ = random_case(2, 4, 2, 16, 4, [6, 3])
+        torch.testing.assert_close(kernels.paged_decode_attention(*inputs), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        kernels._load.cache_clear()
+
+
+def test_a_compiler_that_fails_leaves_the_pytorch_path(monkeypatch, tmp_path):
+    from nanovllm.engine.kv_cache import KVPool
+    from nanovllm.engine.model_runner import resolve_attention_backend
+
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    monkeypatch.setenv("NANOVLLM_KERNEL_CACHE", str(tmp_path))
+    kernels._load.cache_clear()
+    try:
+        assert "did not compile" in kernels.c_kernels_unavailable()
+        assert resolve_attention_backend("auto", KVPool(1, 4, 4, 2, 8, torch.float32)) == "torch"
+        with pytest.raises(RuntimeError, match="not available"):
+            kernels.paged_decode_attention(*random_case(1, 2, 2, 8, 4, [3])[0])
+        assert list(tmp_path.iterdir()) == []  # no half-built files left behind
+    finally:
+        monkeypatch.undo()
+        kernels._load.cache_clear()

@@ -71,11 +71,15 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _machine()]))
         library = _cache_dir() / f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
         if not library.exists():
-            error = _build(cc, flags, library)
+            library, error = _build(cc, flags, library)
             if error:
                 errors.append(f"{cc} {' '.join(flags)}: {error}")
                 continue
-        lib = ctypes.CDLL(str(library))
+        try:
+            lib = ctypes.CDLL(str(library))
+        except OSError as e:  # built, but will not load here (a runtime library missing, say)
+            errors.append(f"{library.name}: {e}")
+            continue
         fn = lib.paged_decode_attention
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
@@ -83,8 +87,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return None, "the C kernel did not compile: " + "; ".join(errors)
 
 
-def _build(cc: str, flags: list[str], library: Path) -> str | None:
-    """Compile SOURCE into `library`; the compiler's complaint on failure, else None."""
+def _build(cc: str, flags: list[str], library: Path) -> tuple[Path, str | None]:
+    """Compile SOURCE into `library` (or, where its folder cannot be made, a temporary one).
+
+    Returns where the library is and None, or the compiler's complaint.
+    """
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         directory = library.parent
@@ -99,12 +106,12 @@ def _build(cc: str, flags: list[str], library: Path) -> str | None:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         os.unlink(partial)
-        return str(e)
+        return library, str(e)
     if done.returncode != 0:
         os.unlink(partial)
-        return (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return library, (done.stderr.strip().splitlines() or ["failed"])[-1]
     os.replace(partial, library)
-    return None
+    return library, None
 
 
 def c_kernels_unavailable() -> str | None:
