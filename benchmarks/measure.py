@@ -132,8 +132,9 @@ class RunMetrics:
 def run_metrics(workload: Workload, result: RunResult, ttft_run_s: float | None = None) -> RunMetrics:
     """Throughputs from a run; checks that every request got exactly its requested number of tokens.
 
-    `ttft_run_s`: for a one-request workload on an engine that cannot stream, the time of a
-    max_tokens=1 run, taken as the time to first token (TPOT is then the rest over n - 1 tokens).
+    `ttft_run_s`: for a one-request workload, the time of a max_tokens=1 run, taken as the time to first
+    token on every engine, streaming or not, so that the column compares like with like. TPOT is the
+    streamed one where the engine streams, else the rest of the run over n - 1 tokens.
     """
     for i, (r, toks) in enumerate(zip(workload.requests, result.token_ids)):
         if len(toks) != r.max_tokens:
@@ -142,10 +143,11 @@ def run_metrics(workload: Workload, result: RunResult, ttft_run_s: float | None 
         raise RuntimeError(f"{len(workload.requests)} requests but {len(result.token_ids)} outputs")
     wall = result.wall_s
     ttft, tpot = result.ttft_s, result.tpot_s
-    if ttft is None and ttft_run_s is not None and len(workload.requests) == 1:
+    if ttft_run_s is not None and len(workload.requests) == 1:
         n = workload.requests[0].max_tokens
         ttft = [ttft_run_s]
-        tpot = [max(wall - ttft_run_s, 0.0) / (n - 1)] if n > 1 else [0.0]
+        if tpot is None:
+            tpot = [max(wall - ttft_run_s, 0.0) / (n - 1)] if n > 1 else [0.0]
     return RunMetrics(
         wall,
         workload.output_tokens / wall,
@@ -195,14 +197,16 @@ def measure(
             log(f"  warm-up {e.name}: {time.perf_counter() - t0:.2f} s")
     for e in engines:
         out.rounds[e.name], out.peak_rss[e.name], out.run_growth[e.name] = [], None, None
-        out.ttft_source[e.name] = "streamed" if e.streams else "max_tokens=1 run" if len(base.requests) == 1 else None
+        out.ttft_source[e.name] = "max_tokens=1 run" if len(base.requests) == 1 else "streamed" if e.streams else None
     for r in range(repeats):
         work = make(r + 1)
         for e in engines:
             with PeakMemory(device) as mem:
                 result = e.run(work.requests)
             ttft_run = None
-            if not e.streams and len(work.requests) == 1:
+            if len(work.requests) == 1:
+                # every engine alike, streaming or not: a run of one token right after its own full run. A streamed
+                # first token comes from a run that starts right after another engine's, and read 1.5-2x slower
                 ttft_run = e.run(work.capped(1).requests).wall_s
             m = run_metrics(work, result, ttft_run)
             out.rounds[e.name].append(m)

@@ -123,6 +123,9 @@ def test_run_metrics_checks_counts_and_derives_ttft():
     w = Workload(get_spec("decode-1"), [Request([5, 6], 11)])
     m = run_metrics(w, RunResult(2.0, [[1] * 11]), ttft_run_s=0.5)
     assert m.ttft_s == {"median": 0.5, "p99": 0.5} and m.tpot_s["median"] == pytest.approx(0.15)
+    # a streaming engine on one request: TTFT from the one-token run like everyone's, TPOT as streamed
+    streamed = run_metrics(w, RunResult(2.0, [[1] * 11], ttft_s=[0.9], tpot_s=[0.1]), ttft_run_s=0.5)
+    assert streamed.ttft_s == {"median": 0.5, "p99": 0.5} and streamed.tpot_s["median"] == pytest.approx(0.1)
     assert m.output_tok_s == pytest.approx(5.5) and m.total_tok_s == pytest.approx(6.5)
     with pytest.raises(RuntimeError, match="asked for 11"):
         run_metrics(w, RunResult(1.0, [[1] * 10]))
