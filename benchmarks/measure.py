@@ -205,9 +205,10 @@ def measure(
                 result = e.run(work.requests)
             ttft_run = None
             if len(work.requests) == 1:
-                # every engine alike, streaming or not: a run of one token right after its own full run. A streamed
-                # first token comes from a run that starts right after another engine's, and read 1.5-2x slower
-                ttft_run = e.run(work.capped(1).requests).wall_s
+                # every engine alike, streaming or not: a run of one token right after its own full run (a streamed
+                # first token comes from a run that starts right after another engine's, and read 1.5-2x slower),
+                # on a fresh prompt of the same length: the round's own prompt would be a prefix-cache hit
+                ttft_run = e.run(make(20_000 + r).capped(1).requests).wall_s
             m = run_metrics(work, result, ttft_run)
             out.rounds[e.name].append(m)
             peak = mem.cuda_peak if mem.cuda_peak is not None else mem.peak

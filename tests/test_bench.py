@@ -163,6 +163,30 @@ def test_step_tokens_accepts_the_usual_shapes():
     assert step_tokens(None) == []
 
 
+def test_one_request_ttft_comes_from_a_one_token_run_on_a_fresh_prompt_for_every_engine():
+    class Recording(Engine):
+        def __init__(self, name, streams):
+            self.name, self.streams, self.seen = name, streams, []
+
+        def run(self, requests):
+            self.seen.append([(tuple(r.prompt), r.max_tokens) for r in requests])
+            tokens = [[1] * r.max_tokens for r in requests]
+            streamed = [0.9] * len(requests) if self.streams else None
+            return RunResult(1.0, tokens, streamed, [0.01] * len(requests) if self.streams else None)
+
+    def make(variant):
+        return make_workload(get_spec("decode-1"), 100, 400, variant=variant)
+
+    engines = [Recording("plain", False), Recording("streaming", True)]
+    m = measure(engines, make, repeats=2, warmup_tokens=0, log=lambda s: None)
+    for e in engines:
+        full, one_token = e.seen[0][0], e.seen[1][0]  # round 1: the full run, then the one-token run
+        assert one_token[1] == 1 and len(one_token[0]) == len(full[0]) and one_token[0] != full[0]
+        assert m.ttft_source[e.name] == "max_tokens=1 run"
+        assert all(r.ttft_s["median"] == 1.0 for r in m.rounds[e.name])  # the one-token run's wall time
+    assert [r.tpot_s["median"] for r in m.rounds["streaming"]] == [0.01, 0.01]  # streamed TPOT is kept
+
+
 def test_streaming_chapter_engine_measures_ttft_and_tpot(monkeypatch):
     class LLM:
         def __init__(self, model, dtype=None, device="cpu", max_model_len=None, seed=0):
