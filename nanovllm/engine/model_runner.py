@@ -23,9 +23,10 @@ def resolve_attention_backend(backend: str, pool: KVPool) -> str:
     if backend == "torch":
         return "torch"
     k = pool.k
-    why = c_kernels_unavailable()
-    if k.device.type != "cpu" or k.dtype != torch.float32:
+    if k.device.type != "cpu" or k.dtype != torch.float32:  # checked first: no C build where it could not be used
         why = f"it runs on float32 CPU tensors, and this KV pool is {k.dtype} on {k.device}"
+    else:
+        why = c_kernels_unavailable()
     if why is None:
         return "c"
     if backend == "c":

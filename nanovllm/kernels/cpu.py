@@ -65,10 +65,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install cc, gcc or clang)"
-    source = SOURCE.read_bytes()
+    source, machine = SOURCE.read_bytes(), _machine()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _machine()]))
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), machine]))
         library = _cache_dir() / f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
         if not library.exists():
             library, error = _build(cc, flags, library)
