@@ -47,10 +47,13 @@ def test_task1_schedule_chunks_prompts_and_respects_both_budgets(impl):
         sched.add(s)
     first = sched.schedule()
     assert first.seqs == [a] and first.num_tokens == [8]  # a's prompt is chunked: the budget is 8 tokens
+    assert a.num_computed_tokens == 0  # nothing counts as computed before the forward pass has run
+    sched.postprocess(first)  # the forward pass ran: now it does
     assert a.num_computed_tokens == 8 and sched.running == [a] and list(sched.waiting) == [b, c]
     second = sched.schedule()
     assert second.seqs == [a, b] and second.num_tokens == [2, 5]  # b's whole 5-token prompt fits the budget
     assert sum(second.num_tokens) <= 8 and sched.running == [a, b] and list(sched.waiting) == [c]
+    sched.postprocess(second)
     a.token_ids.append(7)  # the engine samples a's first token
     b.token_ids.append(7)
     third = sched.schedule()  # two decodes; c waits: max_num_seqs is 2
@@ -72,7 +75,7 @@ def test_task1_schedule_counts_prefix_cache_hits_as_computed(impl):
     sched = impl.Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
     first = Sequence(list(range(13)))
     sched.add(first)
-    sched.schedule()
+    sched.postprocess(sched.schedule())
     again = Sequence(list(range(13)))
     sched.add(again)
     step = sched.schedule()
@@ -182,12 +185,13 @@ def test_task5_min_p(impl):
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
 def test_tasks3to5_draws_follow_the_truncated_softmax(impl, model_logits, options):
-    from nanovllm.layers.sampler import sample
+    from nanovllm.layers.sampler import SamplingBatch, sample
 
     n = 4000
     params = SamplingParams(**options)
-    seqs = [Sequence([1], params, generator=torch.Generator().manual_seed(i)) for i in range(n)]
-    draws = sample(model_logits.expand(n, -1), seqs, eos_ids=[2])
+    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    batch = SamplingBatch.build([params] * n, [[1]] * n, [1] * n, [2], len(model_logits), generators)
+    draws = sample(model_logits.expand(n, -1), batch)
     observed = np.bincount(draws, minlength=len(model_logits)) / n
     expected = reference_distribution(model_logits.double().numpy(), **options)
     assert observed[expected == 0].sum() == 0, "a filtered-out token was drawn"
@@ -247,14 +251,14 @@ def test_all_tasks_engine_matches_transformers_with_chunks_preemption_and_late_a
     assert llm.stats["preemptions"] > 0
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     if c_kernels_unavailable() is None:  # decodes went through the C kernel
-        assert llm.runner.attention.backend == "c"
+        assert llm.runner.attention.name == "c"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pytorch_attention_path_matches_transformers_too(oracle, family):
     """The same run on the PyTorch path, the one a machine without a C compiler takes."""
     llm = engine(family, blocks=14, max_num_batched_tokens=5, attention_backend="torch")
-    assert llm.runner.attention.backend == "torch"
+    assert llm.runner.attention.name == "torch"
     results = run_with_late_arrivals(llm, oracle["models"][family])
     assert {i: got for i, (got, _) in results.items()} == {i: want for i, (_, want) in results.items()}
     assert llm.stats["preemptions"] > 0
@@ -464,12 +468,12 @@ def test_repetition_penalty_matches_transformers():
 
 
 def test_presence_and_frequency_penalties_follow_the_openai_formula():
-    from nanovllm.layers.sampler import apply_penalties
+    from nanovllm.layers.sampler import SamplingBatch, apply_penalties
 
     logits = torch.zeros(1, 8)
-    seq = Sequence([1, 2, 3], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), num_prompt_tokens=1)
-    seq.token_ids += [3, 3, 5]  # output: 2, 3, 3, 3, 5 (prompt: 1)
-    out = apply_penalties(logits.clone(), [seq])[0]
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    batch = SamplingBatch.build([params], [[1, 2, 3, 3, 3, 5]], [1], [2], 8, [None])  # output: 2, 3, 3, 3, 5
+    out = apply_penalties(logits.clone(), batch)[0]
     counts = {2: 1, 3: 3, 5: 1}
     expected = torch.tensor([-(0.25 * counts.get(t, 0) + 0.5 * (t in counts)) for t in range(8)])
     torch.testing.assert_close(out, expected)

@@ -12,9 +12,9 @@ from chapters.ch01_naive.llm import LLM as Chapter1LLM
 from chapters.ch01_naive.llm import sample_token
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.io import Prompt, finish_reason, make_output
-from nanovllm.engine.kv_cache import KVPool, pad_block_tables, pool_for_model, slot_mapping
+from nanovllm.engine.kv_cache import KVPool, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.layers.attention import GatherBuffer, padded_causal_mask, paged_attention, store_kv
+from nanovllm.layers.attention import GatherBuffer, pad_block_tables, padded_causal_mask, paged_attention, store_kv
 from nanovllm.sampling_params import SamplingParams
 
 

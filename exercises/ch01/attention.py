@@ -9,7 +9,7 @@ import math
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, masked_attention, store_kv, gather_kv, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionBackend, masked_attention, store_kv, gather_kv, pad_block_tables, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

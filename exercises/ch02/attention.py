@@ -9,7 +9,7 @@ import math
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, gather_kv, GatherBuffer, paged_attention  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, gather_kv, pad_block_tables, GatherBuffer, paged_attention  # the rest of the file, as given
 
 
 def padded_causal_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import math
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, pad_block_tables, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

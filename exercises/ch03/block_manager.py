@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.block_manager import NO_HASH, Block, NoFreeBlocksError, BlockManager  # the rest of the file, as given
+from nanovllm.engine.block_manager import NO_HASH, worst_case_tokens, Block, NoFreeBlocksError, BlockManager  # the rest of the file, as given
 import nanovllm.engine.block_manager as _reference
 
 

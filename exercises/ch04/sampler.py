@@ -5,9 +5,10 @@ Check your work with: pytest --impl=exercises -m ch04 -k "task3|task4|task5"
 """
 
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
-from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import apply_penalties, block_stop_tokens, sample  # the rest of the file, as given
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.layers.sampler import SamplingBatch, apply_penalties, block_stop_tokens, sample  # the rest of the file, as given
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ class Scheduler(_reference.Scheduler):
            part-way through a chunked prefill), capped by the tokens left in the step budget. If
            the block manager cannot append its newest token, preempt the most recently admitted
            running sequence (self.running[-1]) and retry; if that was this sequence itself, stop.
-           Then self.block_manager.append_slot(seq).
+           Then self.block_manager.append_slot(seq); a (src, dst) pair it returns goes to batch.copies.
         2. Then waiting sequences, first come first served, while tokens are left in the budget,
            fewer than max_num_seqs are running, nothing was preempted this step, and its blocks
            (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare (no
@@ -42,7 +42,6 @@ class Scheduler(_reference.Scheduler):
            Allocate them (prefix-cache hits count as computed), move it to running, and schedule
            min(uncomputed, budget left) tokens; without chunked prefill, a prompt that does not
            fit the budget whole waits instead.
-        Every scheduled sequence's num_computed_tokens is advanced by its count, and
-        self.block_manager.commit(seq) indexes the blocks this step completes.
+        Nothing is counted as computed here: postprocess() does that once the forward pass has run.
         """
         raise NotImplementedError("ch04 task 1: one step of iteration-level scheduling")

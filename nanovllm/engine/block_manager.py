@@ -27,6 +27,11 @@ def block_hash(prev_hash: int, token_ids: list[int]) -> int:
     return hash((prev_hash, tuple(token_ids)))
 
 
+def worst_case_tokens(prompt_len: int, max_tokens: int, max_model_len: int) -> int:
+    """The most tokens of a request whose K/V are ever stored: all but the last one sampled."""
+    return min(prompt_len + max_tokens, max_model_len) - 1
+
+
 @dataclass
 class Block:
     block_id: int
@@ -63,8 +68,12 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def check_fits(self, prompt_len: int, max_tokens: int, max_model_len: int) -> None:
-        """A request that could not fit even in an empty pool is refused up front, with what to change."""
-        need = self.blocks_for(min(prompt_len + max_tokens, max_model_len))
+        """A request that could not fit even in an empty pool is refused up front, with what to change.
+
+        The last token sampled is never fed back, so its K/V need no slot: at most prompt + max_tokens - 1
+        tokens (and fewer than max_model_len) are ever computed.
+        """
+        need = self.blocks_for(worst_case_tokens(prompt_len, max_tokens, max_model_len))
         if need > self.num_blocks:
             raise ValueError(
                 f"a request of {prompt_len} prompt tokens + max_tokens={max_tokens} needs {need} KV blocks, "
@@ -103,8 +112,9 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """Index every full block of the sequence's first num_computed_tokens, so other sequences can share it.
 
-        Engines call it once a step's tokens are scheduled: every forward pass stores all new K/V
-        before any attention reads, so a sequence that hits these blocks in the same step is safe.
+        Call it only once the K/V of those tokens are written (or, as chapter 3 does, for the forward pass that
+        writes them, evicting them with discard(seq) if it fails): a block indexed too early could be
+        found by another sequence, which would then read K/V that an interrupted step never wrote.
         """
         if self.enable_prefix_caching:
             full = seq.num_computed_tokens // self.block_size
@@ -221,3 +231,14 @@ class BlockManager:
                 self.free_ids.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0
+
+    def discard(self, seq: Sequence) -> None:
+        """Free a sequence whose K/V a failed forward pass may not have written: the blocks nobody else holds
+        lose their hashes too, so the prefix cache cannot hand them out."""
+        table = list(seq.block_table)
+        self.free(seq)
+        for block in (self.blocks[i] for i in table):
+            if block.ref_count == 0 and block.hash != NO_HASH:
+                if self.hash_to_block.get(block.hash) == block.block_id:
+                    del self.hash_to_block[block.hash]
+                block.hash, block.token_ids = NO_HASH, []

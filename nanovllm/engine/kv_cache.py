@@ -24,16 +24,6 @@ def slot_mapping(block_table: list[int], positions: list[int], block_size: int) 
     return [block_table[p // block_size] * block_size + p % block_size for p in positions]
 
 
-def pad_block_tables(tables: list[list[int]], device: str | torch.device) -> torch.Tensor:
-    """Block tables of different lengths as one (B, longest) tensor, padded with block 0.
-
-    What attention reads through a padding entry lies past the sequence's last position, where
-    the mask by position hides it, so any valid block id will do.
-    """
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (B, width)
-
-
 class KVPool:
     """K and V tensors of shape (layers, num_blocks, block_size, kv_heads, head_dim)."""
 
@@ -78,6 +68,13 @@ class KVPool:
                 f"needs {per_block} bytes"
             )
         return cls(num_layers, budget // per_block, block_size, kv_heads, head_dim, dtype, device)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block dst gets block src's K and V, in every layer (before anything new is stored)."""
+        src = torch.tensor([s for s, _ in pairs], device=self.k.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.k.device)
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
     @property
     def nbytes(self) -> int:

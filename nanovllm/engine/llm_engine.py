@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -11,22 +12,16 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.io import (
-    Prompt,
-    finish_reason,
-    make_output,
-    prepare_inputs,
-    request_generator,
-    stop_string_cut,
-)
+from nanovllm.engine.io import Prompt, prepare_inputs, request_generator
 from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.output_processor import OutputProcessor
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import sample
+from nanovllm.layers.paged_attention import BACKENDS
+from nanovllm.layers.sampler import SamplingBatch, sample
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import load_model
-from nanovllm.utils.tokenizer import IncrementalDetokenizer
 
 
 @dataclass
@@ -34,12 +29,18 @@ class StepOutput:
     request_id: int
     new_token_ids: list[int]  # produced this step (empty while a chunked prefill is still going)
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # 'stop', 'length', 'abort' or 'error'
     text: str = ""  # output text that became final this step: the pieces add up to output()["text"]
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV pool: requests join and leave the running batch at every step."""
+    """Continuous batching over a paged KV pool: requests join and leave the running batch at every step.
+
+    Thread-safe: one thread may step while others add, abort and release requests (a lock guards the queues;
+    a step holds it from scheduling to the last output).
+    """
+
+    attention_backends: tuple[str, ...] = tuple(BACKENDS)  # a chapter snapshot pins its own
 
     def __init__(
         self,
@@ -77,8 +78,11 @@ class LLMEngine:
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             max_num_batched_tokens = self.max_model_len  # every prompt must fit one step
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.pool, attention_backend)
+        self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends)
         self.requests: dict[int, Sequence] = {}
+        self.outputs: dict[int, OutputProcessor] = {}
+        self.undelivered: list[StepOutput] = []  # other requests' outputs from steps that generate() ran
+        self.lock = threading.RLock()
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
 
@@ -103,86 +107,137 @@ class LLMEngine:
         return inputs
 
     def _add(self, ids: list[int], params: SamplingParams) -> int:
-        seq = Sequence(ids, params, generator=request_generator(params, self.generator), request_id=next(self._ids))
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
-        self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
-        return seq.request_id
+        with self.lock:
+            seq = Sequence(ids, params, generator=request_generator(params, self.generator))
+            seq.request_id = next(self._ids)
+            eos = self.tokenizer.eos_token_ids
+            self.outputs[seq.request_id] = OutputProcessor(self.tokenizer, ids, params, eos, self.max_model_len)
+            self.requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+            return seq.request_id
 
     def abort(self, request_id: int) -> None:
         """Stop a request now: its blocks return to the pool at once; the others carry on undisturbed."""
-        seq = self.requests.get(request_id)
-        if seq is None or seq.is_finished:
-            return
-        self.scheduler.finish(seq, "abort")
+        with self.lock:
+            seq = self.requests.get(request_id)
+            if seq is not None and not seq.is_finished:
+                self._finish(seq, "abort")
 
     def release(self, request_id: int) -> None:
         """Forget a request (aborting it if it still runs): a server calls this once it has sent the result,
         so an engine that serves request after request does not keep them all."""
-        self.abort(request_id)
-        self.requests.pop(request_id, None)
+        with self.lock:
+            self.abort(request_id)
+            self.requests.pop(request_id, None)
+            self.outputs.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        with self.lock:
+            return self.scheduler.has_unfinished()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.outputs[seq.request_id].finish(reason)
 
     def step(self) -> list[StepOutput]:
-        """One iteration: schedule, run the flattened batch, sample, retire finished requests."""
-        batch = self.scheduler.schedule()
+        """One iteration: schedule, run the flattened batch, sample, retire finished requests.
+
+        If the forward pass raises, nothing was counted: the exception propagates and the next step runs the
+        same requests again from where they were. A request whose sampling raises finishes with 'error'
+        (output()["error"] says why); the others in its step go on as if it had not been there.
+        """
+        with self.lock:
+            outputs, self.undelivered = self.undelivered, []
+            return outputs + self._step()
+
+    def _step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule()
         self.stats["steps"] += 1
-        self.stats["preemptions"] += len(batch.preempted)
+        self.stats["preemptions"] += len(plan.preempted)
         self.stats["peak_running"] = max(self.stats["peak_running"], len(self.scheduler.running))
-        if not batch.seqs:
+        if not plan.seqs:
             if self.scheduler.waiting and not self.scheduler.running:  # check_fits promised every request fits
                 raise RuntimeError("the scheduler could not admit a request into an empty engine")
             return []
-        ready = [i for i, s in enumerate(batch.seqs) if s.num_computed_tokens == len(s)]  # reached the end
-        logits = self.runner.run(batch.seqs, batch.num_tokens, ready)
-        tokens = sample(logits, [batch.seqs[i] for i in ready], self.tokenizer.eos_token_ids) if ready else []
-        decode = sum(1 for n, s in zip(batch.num_tokens, batch.seqs) if n == 1 and len(s) > s.num_prompt_tokens)
+        # a sequence samples once this step's tokens reach its end (a chunked prefill part-way does not)
+        ready = [i for i, (s, n) in enumerate(zip(plan.seqs, plan.num_tokens)) if s.num_computed_tokens + n == len(s)]
+        logits = self.runner.run(plan.seqs, plan.num_tokens, ready, plan.copies)
+        tokens = self._sample(logits, [plan.seqs[i] for i in ready])
+        return self._postprocess(plan, ready, tokens)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | str]:
+        """One token per sequence, or the error its sampling raised (as text); one bad row spoils no other.
+
+        The random streams are restored before a retry row by row (and on an interrupt), so a seeded request
+        draws exactly what it would have drawn had nothing gone wrong.
+        """
+        generators = list({id(s.generator): s.generator for s in seqs if not s.params.greedy}.values())
+        states = [g.get_state() for g in generators]
+
+        def rows(seqs: list[Sequence]) -> SamplingBatch:
+            return SamplingBatch.build(
+                [s.params for s in seqs],
+                [s.token_ids for s in seqs],
+                [s.num_prompt_tokens for s in seqs],
+                self.tokenizer.eos_token_ids,
+                self.config.vocab_size,
+                [s.generator for s in seqs],
+                logits.device,
+            )
+
+        try:
+            return sample(logits, rows(seqs))
+        except Exception:
+            for g, state in zip(generators, states):
+                g.set_state(state)
+        except BaseException:  # an interrupt: leave the streams as they were, and let it through
+            for g, state in zip(generators, states):
+                g.set_state(state)
+            raise
+        tokens: list[int | str] = []
+        for row, seq in enumerate(seqs):
+            try:
+                tokens += sample(logits[row : row + 1], rows([seq]))
+            except Exception as e:
+                tokens.append(f"sampling failed: {type(e).__name__}: {e}")
+        return tokens
+
+    def _postprocess(self, plan: ScheduledBatch, ready: list[int], tokens: list[int | str]) -> list[StepOutput]:
+        """The step's second phase: count what the forward computed, append the sampled tokens, finish requests."""
+        self.scheduler.postprocess(plan)
+        decode = sum(1 for n, s in zip(plan.num_tokens, plan.seqs) if n == 1 and len(s) > s.num_prompt_tokens)
         self.stats["decode_tokens"] += decode
-        self.stats["prefill_tokens"] += sum(batch.num_tokens) - decode
+        self.stats["prefill_tokens"] += sum(plan.num_tokens) - decode
         outputs = []
         for i, token in zip(ready, tokens):
-            seq = batch.seqs[i]
+            seq = plan.seqs[i]
+            out = self.outputs[seq.request_id]
+            if isinstance(token, str):  # its sampling raised
+                seq.error = token
+                self._finish(seq, "error")
+                outputs.append(StepOutput(seq.request_id, [], True, "error", out.take_new_text()))
+                continue
             seq.token_ids.append(token)
-            reason = finish_reason(
-                seq.output_ids, seq.params, self.tokenizer.eos_token_ids, len(seq), self.max_model_len
-            )
-            detok = seq.detokenizer
-            new_text = detok.add([token])  # decodes a few tokens, not the whole output
-            # a stop string outranks the length limit (the last allowed token may complete it), not min_tokens
-            p = seq.params
-            if p.stop and reason != "stop" and len(seq.output_ids) >= p.min_tokens:
-                searched = len(detok.text) - len(new_text)  # earlier steps searched the text before this token's
-                cut = stop_string_cut(detok.text, p.stop, p.include_stop_str_in_output, searched)
-                if cut is not None:
-                    seq.text_end, reason = cut, "stop"
+            reason = out.append(seq.output_ids)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                detok.flush()
-            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason, self._new_text(seq)))
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq.request_id, [token], reason is not None, reason, out.take_new_text()))
         return outputs
 
-    @staticmethod
-    def _new_text(seq: Sequence) -> str:
-        """The output text that became final since the last step. While a request runs, text that may be the
-        start of a stop string is held back: a stop string never reaches the caller unless asked for."""
-        text = seq.detokenizer.text
-        if seq.is_finished:
-            end = len(text) if seq.text_end is None else seq.text_end
-        else:
-            end = len(text) - max((len(s) - 1 for s in seq.params.stop), default=0)
-        if end <= seq.text_sent:
-            return ""
-        new, seq.text_sent = text[seq.text_sent : end], end
-        return new
-
     def output(self, request_id: int) -> dict:
-        """The result of a request so far: text, generated token ids, finish reason."""
-        seq = self.requests.get(request_id)
-        if seq is None:
-            raise KeyError(f"no request {request_id}: unknown, or released")
-        return make_output(self.tokenizer, seq.prompt_ids, seq.output_ids, seq.finish_reason, seq.text_end)
+        """The result of a request so far: text, generated token ids, finish reason (and the error, if any)."""
+        with self.lock:
+            seq = self.requests.get(request_id)
+            if seq is None:
+                raise KeyError(f"no request {request_id}: unknown, or released")
+            result = {
+                "text": self.outputs[request_id].text,
+                "token_ids": seq.output_ids,
+                "finish_reason": seq.finish_reason,
+            }
+            if seq.error is not None:
+                result["error"] = seq.error
+            return result
 
     # ---- the batch API every chapter shares --------------------------------------------------------------
 
@@ -192,24 +247,40 @@ class LLMEngine:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
+        """Run these prompts to the end and return their results, in order.
+
+        Requests queued with add_request keep running alongside, but their step outputs are kept for the next
+        step() call, not dropped. Whatever happens (an exception, Ctrl-C), generate's own requests are aborted
+        and released before it returns or raises: nothing of them is left in the engine.
+        """
         ids = [self._add(p, sp) for p, sp in self._checked(prompts, sampling_params)]
-        mine = set(ids)
+        pending = set(ids)
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
         start = time.perf_counter()
         prefill0, decode0 = self.stats["prefill_tokens"], self.stats["decode_tokens"]
         try:
-            while self.has_unfinished():
-                finished = sum(o.finished for o in self.step() if o.request_id in mine)
+            while pending:
+                with self.lock:
+                    outs = self._step()
+                    self.undelivered += [o for o in outs if o.request_id not in pending]
+                    # finished in this step, or aborted or released by another thread
+                    finished = [i for i in pending if (s := self.requests.get(i)) is None or s.is_finished]
+                pending.difference_update(finished)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(
                         prefill=f"{(self.stats['prefill_tokens'] - prefill0) / elapsed:.0f} tok/s",
                         decode=f"{(self.stats['decode_tokens'] - decode0) / elapsed:.0f} tok/s",
                     )
-                    bar.update(finished)
+                    bar.update(len(finished))
+            with self.lock:
+                return [self.output(i) if i in self.requests else _released(i) for i in ids]
         finally:
             bar.close()
-        outputs = [self.output(i) for i in ids]
-        for i in ids:
-            self.release(i)
-        return outputs
+            for i in ids:
+                self.release(i)
+
+
+def _released(request_id: int) -> dict:
+    """What generate returns for one of its requests that another thread released while it ran."""
+    return {"text": "", "token_ids": [], "finish_reason": "abort"}

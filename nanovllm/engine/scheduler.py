@@ -1,4 +1,10 @@
-"""The scheduler: every step, decide which requests run and how many of their tokens, within the budgets."""
+"""The scheduler: every step, decide which requests run and how many of their tokens, within the budgets.
+
+A step has two phases. `schedule()` makes the plan: it admits, preempts and hands out blocks, but counts
+nothing as computed. Only after the forward pass has written the plan's K/V does `postprocess(plan)` count
+those tokens and index the blocks they complete. So a step that raises, or is interrupted, leaves nothing half
+done: the same plan can simply run again, and the prefix cache never finds a block whose K/V were not written.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks, before the run
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -68,7 +75,7 @@ class Scheduler:
            part-way through a chunked prefill), capped by the tokens left in the step budget. If
            the block manager cannot append its newest token, preempt the most recently admitted
            running sequence (self.running[-1]) and retry; if that was this sequence itself, stop.
-           Then self.block_manager.append_slot(seq).
+           Then self.block_manager.append_slot(seq); a (src, dst) pair it returns goes to batch.copies.
         2. Then waiting sequences, first come first served, while tokens are left in the budget,
            fewer than max_num_seqs are running, nothing was preempted this step, and its blocks
            (self.block_manager.blocks_needed(seq)) fit with self.watermark_blocks to spare (no
@@ -76,8 +83,7 @@ class Scheduler:
            Allocate them (prefix-cache hits count as computed), move it to running, and schedule
            min(uncomputed, budget left) tokens; without chunked prefill, a prompt that does not
            fit the budget whole waits instead.
-        Every scheduled sequence's num_computed_tokens is advanced by its count, and
-        self.block_manager.commit(seq) indexes the blocks this step completes.
+        Nothing is counted as computed here: postprocess() does that once the forward pass has run.
         """
         batch, budget = ScheduledBatch(), self.max_num_batched_tokens
         bm = self.block_manager
@@ -94,7 +100,8 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 break
-            bm.append_slot(seq)
+            if (copy := bm.append_slot(seq)) is not None:
+                batch.copies.append(copy)
             n = min(len(seq) - seq.num_computed_tokens, budget)
             batch.add(seq, n)
             budget -= n
@@ -113,10 +120,14 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed_tokens, budget)
             batch.add(seq, n)
             budget -= n
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch) -> None:
+        """The forward pass wrote this plan's K/V: count its tokens as computed, and index the blocks they filled
+        in the prefix cache (only now may another sequence share them)."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-            bm.commit(seq)
-        return batch
+            self.block_manager.commit(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """A sequence is done (or aborted): it leaves its queue and its blocks go back at once."""

@@ -9,7 +9,6 @@ from enum import Enum, auto
 import torch
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.tokenizer import IncrementalDetokenizer
 
 _ids = itertools.count()
 
@@ -28,15 +27,13 @@ class Sequence:
     num_prompt_tokens: int = -1
     block_table: list[int] = field(default_factory=list)  # physical block of each logical block
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (advanced only after the forward wrote it)
     num_hashed_blocks: int = 0  # leading full blocks already offered to the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     request_id: int = -1  # the engine's id for it
-    detokenizer: IncrementalDetokenizer | None = None  # the output text so far, grown each step
-    text_end: int | None = None  # where a stop string cut the output text
-    text_sent: int = 0  # output text already handed out in StepOutput.text
+    error: str | None = None  # why it finished with finish_reason "error"
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

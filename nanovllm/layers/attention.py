@@ -82,6 +82,16 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor
     return blocks.view(B, max_blocks * cache.shape[1], *cache.shape[2:])  # (B, S, Hkv, D)
 
 
+def pad_block_tables(tables: list[list[int]], device: str | torch.device) -> torch.Tensor:
+    """Block tables of different lengths as one (B, longest) tensor, padded with block 0.
+
+    What attention reads through a padding entry lies past the sequence's last position, where
+    the mask by position hides it, so any valid block id will do.
+    """
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (B, width)
+
+
 class GatherBuffer:
     """Memory that gather_kv copies K (or V) into, grown to the largest gather so far and reused by every call.
 

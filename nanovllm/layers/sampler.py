@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -60,49 +62,113 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+@dataclass
+class SamplingBatch:
+    """One step's sampling parameters as tensors, one row per request that samples: gathered once per step.
+
+    Filters and penalties that no row uses stay None, so a greedy batch pays for none of them.
+    """
+
+    greedy: list[bool]
+    temperature: torch.Tensor  # (B,) 1.0 on greedy rows
+    generators: list[torch.Generator | None]
+    top_k: torch.Tensor | None = None  # (B,)
+    top_p: torch.Tensor | None = None  # (B,)
+    min_p: torch.Tensor | None = None  # (B,)
+    repetition_penalty: torch.Tensor | None = None  # (B, 1)
+    seen: torch.Tensor | None = None  # (B, V) bool: the token is in the prompt or the output
+    presence_penalty: torch.Tensor | None = None  # (B, 1)
+    frequency_penalty: torch.Tensor | None = None  # (B, 1)
+    output_counts: torch.Tensor | None = None  # (B, V) how often each token was generated
+    banned: torch.Tensor | None = None  # (B, V) bool: EOS and stop ids, before min_tokens are out
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        token_ids: list[list[int]],
+        num_prompt_tokens: list[int],
+        eos_ids: list[int],
+        vocab_size: int,
+        generators: list[torch.Generator | None],
+        device: torch.device | str = "cpu",
+    ) -> SamplingBatch:
+        """The tensors for rows of (params, prompt + output token ids, prompt length, random stream)."""
+        B, V = len(params), vocab_size
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.greedy for p in params]
+        batch = cls(
+            greedy, column([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32), generators
+        )
+        if any(p.top_k > 0 for p in params):
+            batch.top_k = column([p.top_k for p in params], torch.long)
+        if any(p.top_p < 1.0 for p in params):
+            batch.top_p = column([p.top_p for p in params], torch.float32)
+        if any(p.min_p > 0.0 for p in params):
+            batch.min_p = column([p.min_p for p in params], torch.float32)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            batch.repetition_penalty = column([p.repetition_penalty for p in params], torch.float32)[:, None]
+            batch.seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+            for row, (p, ids) in enumerate(zip(params, token_ids)):
+                if p.repetition_penalty != 1.0:
+                    batch.seen[row, column(ids, torch.long)] = True
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            batch.presence_penalty = column([p.presence_penalty for p in params], torch.float32)[:, None]
+            batch.frequency_penalty = column([p.frequency_penalty for p in params], torch.float32)[:, None]
+            batch.output_counts = torch.zeros(B, V, device=device)
+            for row, (ids, n) in enumerate(zip(token_ids, num_prompt_tokens)):
+                out = column(ids[n:], torch.long)
+                batch.output_counts[row].index_add_(0, out, torch.ones(len(out), device=device))
+        early = [
+            row
+            for row, (p, ids, n) in enumerate(zip(params, token_ids, num_prompt_tokens))
+            if len(ids) - n < p.min_tokens
+        ]
+        if early:
+            batch.banned = torch.zeros(B, V, dtype=torch.bool, device=device)
+            for row in early:
+                p = params[row]
+                batch.banned[
+                    row, column(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids)), torch.long)
+                ] = True
+        return batch
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty (over prompt and output, as in transformers), presence and frequency (over output)."""
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-            picked = logits[row, seen]
-            logits[row, seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            counts = torch.bincount(
-                torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device), minlength=logits.shape[-1]
-            ).to(logits.dtype)
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if batch.repetition_penalty is not None:
+        penalized = torch.where(logits > 0, logits / batch.repetition_penalty, logits * batch.repetition_penalty)
+        logits = torch.where(batch.seen, penalized, logits)
+    if batch.output_counts is not None:
+        counts = batch.output_counts
+        logits = logits - batch.frequency_penalty * counts - batch.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
 
-def block_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> torch.Tensor:
+def block_stop_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Before min_tokens are out, EOS and stop ids cannot be chosen."""
-    for row, seq in enumerate(seqs):
-        if len(seq.output_ids) < seq.params.min_tokens:
-            banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else list(eos_ids))
-            logits[row, banned] = float("-inf")
-    return logits
+    return logits if batch.banned is None else logits.masked_fill(batch.banned, float("-inf"))
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> list[int]:
-    """One token per row of logits (B, V), each row with its own SamplingParams and random stream."""
-    logits = block_stop_tokens(apply_penalties(logits.float().clone(), seqs), seqs, eos_ids)
-    params = [s.params for s in seqs]
-    if all(p.greedy for p in params):
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
+    """One token per row of logits (B, V), each row with its own parameters and random stream."""
+    logits = block_stop_tokens(apply_penalties(logits.float(), batch), batch)
+    if all(batch.greedy):
         return logits.argmax(dim=-1).tolist()
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-    scaled = logits / temperature[:, None]
-    if any(p.top_k > 0 for p in params):
-        scaled = apply_top_k(scaled, torch.tensor([p.top_k for p in params], device=logits.device))
-    if any(p.top_p < 1.0 for p in params):
-        scaled = apply_top_p(scaled, torch.tensor([p.top_p for p in params], device=logits.device))
-    if any(p.min_p > 0.0 for p in params):
-        scaled = apply_min_p(scaled, torch.tensor([p.min_p for p in params], device=logits.device))
+    scaled = logits / batch.temperature[:, None]
+    if batch.top_k is not None:
+        scaled = apply_top_k(scaled, batch.top_k)
+    if batch.top_p is not None:
+        scaled = apply_top_p(scaled, batch.top_p)
+    if batch.min_p is not None:
+        scaled = apply_min_p(scaled, batch.min_p)
     probs = scaled.softmax(dim=-1)
     # one draw per row from that request's own generator: a seeded request gets the same tokens whatever else
     # shares its batch (and, with temperature alone, the same tokens as chapters 1-3)
     return [
-        int(logits[row].argmax()) if p.greedy else int(torch.multinomial(probs[row], 1, generator=seq.generator))
-        for row, (p, seq) in enumerate(zip(params, seqs))
+        int(logits[row].argmax()) if greedy else int(torch.multinomial(probs[row], 1, generator=gen))
+        for row, (greedy, gen) in enumerate(zip(batch.greedy, batch.generators))
     ]

@@ -1,0 +1,155 @@
+"""The engine's attention backends: one small class per way of reading a step's K/V through block tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.kernels.cpu import c_kernels_unavailable, paged_decode_attention
+from nanovllm.layers.attention import (
+    GatherBuffer,
+    causal_attention,
+    pad_block_tables,
+    padded_causal_mask,
+    paged_attention,
+    store_kv,
+)
+
+
+@dataclass
+class PrefillChunk:
+    first: int  # its first row in the flattened batch
+    num_tokens: int
+    start: int  # position of its first token (tokens before it are cached in the pool)
+    block_table: list[int]  # the blocks up to its own last token, not those later chunks will fill
+
+
+@dataclass
+class StepLayout:
+    """One step's flattened batch (N rows) as attention sees it, the same for every layer; the runner builds it.
+
+    Rows [0, len(decode_tables)) are decodes, one token each, longest context first; the prefill chunks follow.
+    """
+
+    slots: torch.Tensor  # (N,) where each row's K and V go in the pool
+    positions: torch.Tensor  # (N,)
+    decode_tables: list[list[int]]
+    prefills: list[PrefillChunk]
+
+
+class PagedAttention:
+    """Store every new token's K/V by slot mapping, then attend: decodes by the subclass's method, prefill chunks
+    in PyTorch (a chunk after cached context reads it through its block table; a first chunk is plainly causal)."""
+
+    name = "paged"
+
+    def __init__(self, pool):
+        self.pool = pool  # a KVPool: .k and .v of shape (layers, num_blocks, block_size, Hkv, D)
+        self.buffers = (GatherBuffer(), GatherBuffer())  # gathered K, V: the same memory for every layer and step
+
+    def begin_step(self, layout: StepLayout) -> None:
+        """Build what every layer reads by, once per step."""
+        self.layout, device, bs = layout, layout.positions.device, self.pool.block_size
+        self.num_decodes = len(layout.decode_tables)
+        self.prefill_tables = [torch.tensor([c.block_table], device=device) for c in layout.prefills]  # (1, blocks)
+        self.prefill_masks = [  # (1, n, blocks * block_size) after cached context; None for a first chunk
+            padded_causal_mask(layout.positions[None, c.first : c.first + c.num_tokens], len(c.block_table) * bs)
+            if c.start
+            else None
+            for c in layout.prefills
+        ]
+        if self.num_decodes:
+            self.begin_decodes(layout.decode_tables, layout.positions[: self.num_decodes])
+
+    def begin_decodes(self, tables: list[list[int]], positions: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """q (S, Hq, D), one query per decoding sequence -> (S, Hq, D)."""
+        raise NotImplementedError
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        q, k, v = q[0], k[0], v[0]  # (N, H, D)
+        store_kv(k_cache, v_cache, k, v, self.layout.slots)
+        parts = [self.decode(q[: self.num_decodes], k_cache, v_cache)] if self.num_decodes else []
+        for chunk, table, mask in zip(self.layout.prefills, self.prefill_tables, self.prefill_masks):
+            rows = slice(chunk.first, chunk.first + chunk.num_tokens)
+            if mask is None:  # nothing cached before this chunk: plain causal attention on its own K/V
+                parts.append(causal_attention(q[None, rows], k[None, rows], v[None, rows])[0])
+            else:
+                pos = self.layout.positions[None, rows]  # (1, n)
+                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask, self.buffers)[0])
+        return torch.cat(parts)[None]  # (1, N, Hq, D), rows in the layout's order
+
+
+class TorchPagedAttention(PagedAttention):
+    """Decodes in plain PyTorch: each group of similar lengths gathers its blocks into a padded copy, then masks."""
+
+    name = "torch"
+    GROUP_RATIO = 0.7  # a decode joins the current group while its block count is >= 70% of the group's first
+
+    def begin_decodes(self, tables: list[list[int]], positions: torch.Tensor) -> None:
+        # the layout is longest first: cut it where a table falls below GROUP_RATIO of its group's first, so each
+        # group gathers K/V padded only to its own longest sequence, not to the longest in the batch
+        self.groups = []
+        first = 0
+        for i in range(1, len(tables) + 1):
+            if i == len(tables) or len(tables[i]) < self.GROUP_RATIO * len(tables[first]):
+                padded = pad_block_tables(tables[first:i], positions.device)  # (S, width)
+                mask = padded_causal_mask(positions[first:i, None], padded.shape[1] * self.pool.block_size)
+                self.groups.append((first, i, padded, mask))
+                first = i
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for first, end, tables, mask in self.groups:
+            pos = self.layout.positions[first:end, None]  # (S, 1)
+            q_dec = q[first:end, None]  # (S, 1, Hq, D)
+            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask, self.buffers)[:, 0])
+        return torch.cat(parts)
+
+
+class CDecodeAttention(PagedAttention):
+    """Decodes in one call of the C kernel (nanovllm/kernels), which reads each sequence's blocks where they lie,
+    only as far as its own length: no copy, no padding, no mask."""
+
+    name = "c"
+
+    def begin_decodes(self, tables: list[list[int]], positions: torch.Tensor) -> None:
+        self.tables = pad_block_tables(tables, positions.device).to(torch.int32)  # (S, width)
+        self.context_lens = (positions + 1).to(torch.int32)  # (S,)
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return paged_decode_attention(q.contiguous(), k_cache, v_cache, self.tables, self.context_lens)
+
+    @staticmethod
+    def unavailable(pool) -> str | None:
+        k = pool.k
+        if k.device.type != "cpu" or k.dtype != torch.float32:  # checked first: no C build where it could not be used
+            return f"it runs on float32 CPU tensors, and this KV pool is {k.dtype} on {k.device}"
+        return c_kernels_unavailable()
+
+
+BACKENDS: dict[str, type[PagedAttention]] = {"torch": TorchPagedAttention, "c": CDecodeAttention}
+AUTO_ORDER = ("c", "torch")  # what 'auto' tries, best first
+
+
+def make_attention_backend(name: str, pool, allowed: tuple[str, ...] = tuple(BACKENDS)) -> PagedAttention:
+    """The backend called `name` for this pool; 'auto' takes the first of AUTO_ORDER (within `allowed`) that
+    applies here. A backend that cannot run here is a ValueError that says why."""
+    choices = ("auto", *allowed)
+    if name not in choices:
+        later = " (it arrives in a later chapter)" if name in BACKENDS else ""
+        raise ValueError(f"attention_backend must be one of {choices}, got {name!r}{later}")
+    for candidate in AUTO_ORDER if name == "auto" else (name,):
+        if candidate not in allowed:
+            continue
+        cls = BACKENDS[candidate]
+        why = cls.unavailable(pool) if hasattr(cls, "unavailable") else None
+        if why is None:
+            return cls(pool)
+        if name != "auto":
+            raise ValueError(f"attention_backend={name!r} cannot be used: {why}")
+    raise ValueError(f"no attention backend of {allowed} can run on this KV pool")
