@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from chapters.ch01_naive.llm import LLM as Chapter1LLM
 from chapters.ch01_naive.llm import sample_token
-from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.io import Prompt, finish_reason, make_output
+from nanovllm.engine.block_manager import BlockManager, worst_case_tokens
+from nanovllm.engine.io import Prompt, check_engine_args, finish_reason, make_output
 from nanovllm.engine.kv_cache import KVPool, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
 from nanovllm.layers.attention import GatherBuffer, pad_block_tables, padded_causal_mask, paged_attention, store_kv
@@ -71,6 +71,13 @@ class LLM(Chapter1LLM):
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
     ):
+        check_engine_args(
+            max_num_seqs=max_num_seqs,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+        )
         super().__init__(model, dtype, device, max_model_len, seed)
         self.max_num_seqs = max_num_seqs
         # by default, the memory chapter 2 reserves: max_num_seqs rows of max_model_len tokens
@@ -82,6 +89,7 @@ class LLM(Chapter1LLM):
             kv_cache_memory,
             gpu_memory_utilization,
             max_num_seqs * self.max_model_len,
+            max_model_len=self.max_model_len,
         )
         self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         self.attention = PagedAttention(self.pool)
@@ -92,7 +100,7 @@ class LLM(Chapter1LLM):
         return self.pool.nbytes
 
     def worst_case_tokens(self, seq: Sequence) -> int:
-        return min(len(seq) + seq.params.max_tokens, self.max_model_len)
+        return worst_case_tokens(len(seq), seq.params.max_tokens, self.max_model_len)
 
     def admit(self, waiting: deque[Sequence]) -> list[Sequence]:
         """Take waiting sequences in order while the pool can hold every one of them at its longest."""
@@ -157,9 +165,15 @@ class LLM(Chapter1LLM):
             self.block_manager.check_fits(len(ids), params.max_tokens, self.max_model_len)
             seqs.append(Sequence(ids, params, generator=self.generator_for(params)))
         waiting = deque(seqs)
-        with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm) as bar:
-            while waiting:
-                batch = self.admit(waiting)
-                self.run_batch(batch)
-                bar.update(len(batch))
+        try:
+            with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm) as bar:
+                while waiting:
+                    batch = self.admit(waiting)
+                    self.run_batch(batch)
+                    bar.update(len(batch))
+        except BaseException:  # an error or Ctrl-C mid-batch: give the blocks back, and forget what was not written
+            for seq in seqs:
+                if seq.block_table:
+                    self.block_manager.discard(seq)
+            raise
         return [make_output(self.tokenizer, s.prompt_ids, s.output_ids, s.finish_reason) for s in seqs]

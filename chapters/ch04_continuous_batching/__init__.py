@@ -1,10 +1,26 @@
 """Chapter 4: continuous batching. The scheduler, the flattened batch and the sampler live in nanovllm.engine,
-in their final form; this snapshot is that engine with chapter 4's pieces: paged attention in PyTorch, with a C
-kernel for the decodes on the CPU (nanovllm/kernels), no CUDA graphs, full precision."""
+in their final form; this snapshot is that engine pinned to chapter 4's pieces: paged attention in PyTorch, with a
+C kernel for the decodes on the CPU (nanovllm/kernels), no CUDA graphs, full precision. Later chapters add options
+to the engine; this class keeps each of them at chapter 4's setting, so chapter 4's tokens and speed stay put."""
+
+from __future__ import annotations
 
 from nanovllm.engine.llm_engine import LLMEngine, StepOutput
 from nanovllm.sampling_params import SamplingParams
 
-LLM = LLMEngine
+
+class LLM(LLMEngine):
+    """The engine as chapter 4 builds it."""
+
+    attention_backends = ("torch", "c")  # chapter 5's Triton kernels are not chapter 4's
+    # engine options that later chapters add, and the value chapter 4 holds them at (a test checks the list)
+    pinned: dict[str, object] = {}
+
+    def __init__(self, model: str = "default", *args, **options):
+        """LLMEngine's arguments, less those `pinned` holds."""
+        if clash := sorted(set(options) & set(self.pinned)):
+            raise TypeError(f"chapter 4 does not have {clash}: they arrive in later chapters")
+        super().__init__(model, *args, **options, **self.pinned)
+
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "StepOutput"]

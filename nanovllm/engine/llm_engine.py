@@ -116,6 +116,25 @@ class LLMEngine:
             self.scheduler.add(seq)
             return seq.request_id
 
+    def fork(self, request_id: int, sampling_params: SamplingParams | None = None) -> int:
+        """A new request that goes on from this one's tokens (so far), sharing its KV blocks: the first write into
+        a shared, partly filled block copies it (copy on write). Parallel sampling and beam search build on it."""
+        with self.lock:
+            parent = self.requests.get(request_id)
+            if parent is None or parent.is_finished:
+                raise ValueError(f"request {request_id} cannot be forked: unknown, released or finished")
+            params = sampling_params or parent.params
+            child = Sequence(parent.token_ids, params, num_prompt_tokens=parent.num_prompt_tokens)
+            child.generator, child.request_id = request_generator(params, self.generator), next(self._ids)
+            out = OutputProcessor(
+                self.tokenizer, parent.prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len
+            )
+            if parent.output_ids:
+                out.detokenizer.add(parent.output_ids)  # its text so far is the parent's
+            self.outputs[child.request_id], self.requests[child.request_id] = out, child
+            self.scheduler.fork(parent, child)
+            return child.request_id
+
     def abort(self, request_id: int) -> None:
         """Stop a request now: its blocks return to the pool at once; the others carry on undisturbed."""
         with self.lock:

@@ -129,6 +129,16 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Queue a copy of `parent` (same tokens): it shares the parent's blocks if the parent runs, and is
+        admitted like any request (finding the parent's full blocks in the prefix cache) if it waits."""
+        if parent.status is Status.RUNNING:
+            self.block_manager.fork(parent, child)
+            child.status = Status.RUNNING
+            self.running.append(child)
+        else:
+            self.add(child)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """A sequence is done (or aborted): it leaves its queue and its blocks go back at once."""
         if seq in self.running:

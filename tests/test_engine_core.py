@@ -1,0 +1,376 @@
+"""The engine core under failure: interrupted and failing steps, bad requests beside good ones, other threads,
+forks with copy-on-write, chapter 4's pinned configuration, and a randomized stress test of all of them at once."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanovllm.engine.llm_engine as engine_module
+from conftest import ROOT, TINY_MODELS
+from nanovllm.config import ModelConfig
+from nanovllm.engine.kv_cache import KVPool
+from nanovllm.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.ch04
+MODEL = str(TINY_MODELS / "tiny-llama")
+
+
+def engine(blocks=None, block_size=4, **options):
+    from chapters.ch04_continuous_batching import LLM
+
+    if blocks is not None:
+        cfg = ModelConfig.from_folder(MODEL)
+        options["kv_cache_memory"] = blocks * KVPool.bytes_per_block(
+            cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32
+        )
+    return LLM(MODEL, block_size=block_size, **options)
+
+
+def greedy(n=8, **more):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **more)
+
+
+PROMPTS = [[1] + [(11 * i + 7 * j) % 380 + 3 for j in range(n)] for i, n in enumerate([9, 17, 4, 23, 12, 30])]
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """Each prompt's tokens, run alone in a fresh engine: what every run below must reproduce."""
+    llm = engine()
+    cache = {}
+
+    def tokens(prompt, params):
+        key = (tuple(prompt), repr(params))
+        if key not in cache:
+            cache[key] = llm.generate([prompt], params, use_tqdm=False)[0]["token_ids"]
+        return cache[key]
+
+    return tokens
+
+
+class Fault:
+    """Raises `error` from inside the forward pass (before layer `layer`) on the calls listed."""
+
+    def __init__(self, llm, calls, error=RuntimeError, layer=1):
+        self.calls, self.error, self.count = set(calls), error, 0
+        self.handle = llm.model.model.layers[layer].register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.count += 1
+        if self.count in self.calls:
+            raise self.error("injected fault")
+
+    def remove(self):
+        self.handle.remove()
+
+
+def assert_idle(llm):
+    assert not llm.has_unfinished() and not llm.requests
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+# ---- defect 1: an interrupted step must not poison the prefix cache --------------------------------------
+
+
+def test_an_interrupted_prefill_leaves_no_block_in_the_prefix_cache(alone):
+    llm = engine()
+    prompt = PROMPTS[5]  # 31 tokens: 7 full blocks of 4
+    fault = Fault(llm, calls={1}, error=KeyboardInterrupt)  # layer 0 writes its K/V, layer 1 never does
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], greedy(), use_tqdm=False)
+    fault.remove()
+    for rid in list(llm.requests):
+        llm.release(rid)
+    assert not llm.block_manager.hash_to_block  # nothing whose K/V were not all written
+    assert llm.generate([prompt], greedy(), use_tqdm=False)[0]["token_ids"] == alone(prompt, greedy())
+
+
+# ---- defects 2 and 4: errors in generate and inside a step -----------------------------------------------
+
+
+def test_an_interrupted_generate_leaves_nothing_behind(alone):
+    llm = engine()
+    fault = Fault(llm, calls={3}, error=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS[:3], greedy(), use_tqdm=False)
+    fault.remove()
+    assert_idle(llm)
+    outs = llm.generate(PROMPTS[3:5], greedy(), use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == [alone(p, greedy()) for p in PROMPTS[3:5]]
+
+
+def fail_sampling_for(monkeypatch, temperature):
+    """The sampler raises on any batch holding a row with this (marker) temperature."""
+    real = engine_module.sample
+
+    def sample(logits, batch):
+        if (batch.temperature == temperature).any():
+            raise FloatingPointError("injected sampling failure")
+        return real(logits, batch)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+
+
+def test_a_request_whose_sampling_fails_finishes_with_an_error_and_spoils_no_other(monkeypatch, alone):
+    llm = engine()
+    fail_sampling_for(monkeypatch, 0.77)
+    seeded = SamplingParams(temperature=0.9, max_tokens=8, seed=5, ignore_eos=True)
+    bad = SamplingParams(temperature=0.77, max_tokens=8)
+    outs = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [greedy(), bad, seeded], use_tqdm=False)
+    assert outs[1]["finish_reason"] == "error" and "injected sampling failure" in outs[1]["error"]
+    assert outs[0]["token_ids"] == alone(PROMPTS[0], greedy())
+    assert outs[2]["token_ids"] == alone(PROMPTS[2], seeded)  # its random stream was rewound for the retry
+    assert_idle(llm)
+    assert llm.generate([PROMPTS[3]], greedy(), use_tqdm=False)[0]["token_ids"] == alone(PROMPTS[3], greedy())
+
+
+def test_a_forward_that_raises_is_run_again_and_no_request_changes_its_tokens(alone):
+    llm = engine(blocks=20, max_num_batched_tokens=8)  # chunked prefills, preemption
+    ids = [llm.add_request(p, greedy(10)) for p in PROMPTS]
+    fault = Fault(llm, calls={2, 5, 6, 11, 30})
+    failures = steps = 0
+    while llm.has_unfinished():
+        steps += 1
+        try:
+            llm.step()
+        except RuntimeError:
+            failures += 1
+        assert steps < 500
+    fault.remove()
+    assert failures == 5
+    assert [llm.output(i)["token_ids"] for i in ids] == [alone(p, greedy(10)) for p in PROMPTS]
+    for i in ids:
+        llm.release(i)
+    assert_idle(llm)
+
+
+# ---- defect 9: generate() and the step API in one engine -------------------------------------------------
+
+
+def test_generate_leaves_the_step_callers_outputs_to_it(alone):
+    llm = engine()
+    streamed = llm.add_request(PROMPTS[0], greedy(12))
+    first = llm.step()
+    mine = llm.generate([PROMPTS[1]], greedy(3), use_tqdm=False)[0]
+    assert mine["token_ids"] == alone(PROMPTS[1], greedy(3))
+    outs = list(first)
+    while llm.has_unfinished():
+        outs += llm.step()
+    outs += llm.step()  # anything still held back is handed over
+    assert {o.request_id for o in outs} == {streamed}
+    assert [t for o in outs for t in o.new_token_ids] == llm.output(streamed)["token_ids"]
+    assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
+    assert "".join(o.text for o in outs) == llm.output(streamed)["text"]
+
+
+# ---- defect 10: the last sampled token needs no slot -----------------------------------------------------
+
+
+@pytest.mark.parametrize("chapter", ["ch03", "ch04"])
+def test_a_request_that_fills_one_block_exactly_is_admitted(chapter):
+    cfg = ModelConfig.from_folder(MODEL)
+    memory = KVPool.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    if chapter == "ch03":
+        from chapters.ch03_paged_kv import LLM
+    else:
+        from chapters.ch04_continuous_batching import LLM
+    llm = LLM(MODEL, block_size=16, kv_cache_memory=memory)  # one block of 16 tokens
+    out = llm.generate([PROMPTS[1][:15]], greedy(2), use_tqdm=False)[0]  # 15 + 2 tokens, 16 of them stored
+    assert len(out["token_ids"]) == 2
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate([PROMPTS[1][:15]], greedy(3), use_tqdm=False)
+
+
+# ---- defect 7: chapter 3 gives its blocks back when a batch raises ---------------------------------------
+
+
+def test_chapter3_gives_back_its_blocks_when_a_batch_raises(alone):
+    from chapters.ch03_paged_kv import LLM
+
+    llm = LLM(MODEL, block_size=4)
+    fault = Fault(llm, calls={2})
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(PROMPTS[:4], greedy(), use_tqdm=False)
+    fault.remove()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert not llm.block_manager.hash_to_block  # the failed batch's blocks are not offered as cached
+    outs = llm.generate(PROMPTS[:4], greedy(), use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == [alone(p, greedy()) for p in PROMPTS[:4]]
+
+
+# ---- defect 12: fork shares blocks, and the first write into a shared partial block copies it ------------
+
+
+def test_a_fork_shares_blocks_and_copies_the_partial_one_on_write(alone):
+    llm = engine(block_size=4)
+    params = greedy(12)
+    parent = llm.add_request(PROMPTS[0], params)  # 10 prompt tokens
+    for _ in range(2):
+        llm.step()  # the prompt, then a decode: 12 tokens, 11 computed; block 2 holds positions 8-10 of 8-11
+    seq = llm.requests[parent]
+    child = llm.fork(parent)
+    shared = llm.requests[child].block_table
+    assert shared == seq.block_table and all(llm.block_manager.blocks[b].ref_count == 2 for b in shared)
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.output(child)["token_ids"] == llm.output(parent)["token_ids"] == alone(PROMPTS[0], params)
+    assert llm.output(child)["text"] == llm.output(parent)["text"]
+    llm.release(parent)
+    llm.release(child)
+    assert_idle(llm)
+
+
+def test_copy_blocks_copies_every_layer():
+    pool = KVPool(3, 4, 2, 1, 2, torch.float32)
+    pool.k.normal_()
+    pool.v.normal_()
+    pool.copy_blocks([(1, 3), (0, 2)])
+    assert torch.equal(pool.k[:, 3], pool.k[:, 1]) and torch.equal(pool.v[:, 2], pool.v[:, 0])
+
+
+# ---- other threads ---------------------------------------------------------------------------------------
+
+
+def test_other_threads_add_and_abort_while_one_steps(alone):
+    llm = engine(blocks=40)
+    stop, errors = threading.Event(), []
+    added: dict[int, list[int]] = {}
+    aborted: set[int] = set()
+
+    def stepper():
+        try:
+            while not stop.is_set() or llm.has_unfinished():
+                llm.step()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    def client(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(6):
+                prompt = rng.choice(PROMPTS)
+                rid = llm.add_request(prompt, greedy(6))
+                added[rid] = prompt
+                if rng.random() < 0.4:
+                    llm.abort(rid)
+                    aborted.add(rid)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    runner = threading.Thread(target=stepper)
+    runner.start()
+    clients = [threading.Thread(target=client, args=(s,)) for s in range(3)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    stop.set()
+    runner.join(timeout=120)
+    assert not errors and not runner.is_alive()
+    for rid, prompt in added.items():
+        out = llm.output(rid)
+        if rid in aborted:
+            assert out["finish_reason"] in ("abort", "length")  # an abort may come after the end
+        else:
+            assert out["token_ids"] == alone(prompt, greedy(6))
+        llm.release(rid)
+    assert_idle(llm)
+
+
+# ---- chapter 4 stays chapter 4 ---------------------------------------------------------------------------
+
+
+def test_chapter4_pins_every_engine_option_a_later_chapter_adds():
+    """A new LLMEngine option must be pinned by chapter 4 (to chapter 4's setting) or be listed here as one
+    chapter 4 has; chapter 4's attention is one of its own backends, never a later chapter's."""
+    from chapters.ch04_continuous_batching import LLM
+    from nanovllm.engine.llm_engine import LLMEngine
+    from nanovllm.layers.paged_attention import CDecodeAttention, TorchPagedAttention
+
+    chapter4_options = {
+        "self", "model", "dtype", "device", "max_model_len", "seed", "max_num_seqs", "max_num_batched_tokens",
+        "block_size", "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching",
+        "enable_chunked_prefill", "attention_backend",
+    }  # fmt: skip
+    later = set(inspect.signature(LLMEngine.__init__).parameters) - chapter4_options
+    assert later == set(LLM.pinned)
+    assert LLM.attention_backends == ("torch", "c")
+    for backend in ("auto", "torch"):
+        assert type(engine(attention_backend=backend).runner.attention) in (TorchPagedAttention, CDecodeAttention)
+
+
+def test_no_import_runs_from_layers_up_into_engine():
+    for path in (ROOT / "nanovllm" / "layers").glob("*.py"):
+        tree = ast.parse(Path(path).read_text())
+        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [n for n in names if n.startswith(("nanovllm.engine", "chapters"))], path.name
+
+
+# ---- everything at once ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch, alone, seed):
+    """Random requests (greedy and seeded) in a tiny pool with a small token budget (chunks, preemption), random
+    aborts, random exceptions in the forward pass and in the sampler. Every request ends exactly once; those that
+    were neither aborted nor failed have their lone-run tokens; every block comes back; and the prefix cache
+    left behind gives every prompt its lone-run tokens again."""
+    rng = random.Random(seed)
+    llm = engine(blocks=18, max_num_batched_tokens=rng.choice([6, 16]), max_num_seqs=rng.choice([2, 4]))
+    real_sample = engine_module.sample
+
+    def flaky_sample(logits, batch):
+        if rng.random() < 0.08:
+            raise RuntimeError("injected sampling failure")
+        return real_sample(logits, batch)
+
+    monkeypatch.setattr(engine_module, "sample", flaky_sample)
+    forward_faults = Fault(llm, calls=set(rng.sample(range(1, 400), 25)))
+    kinds = [greedy(rng.randint(1, 12)) for _ in range(3)]
+    kinds += [SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=s, ignore_eos=True) for s in (1, 2)]
+    requests, finished, aborted, step = {}, [], set(), 0
+    while len(requests) < 24 or llm.has_unfinished():
+        if len(requests) < 24 and rng.random() < 0.5:
+            params = rng.choice(kinds)
+            prompt = rng.choice(PROMPTS)
+            requests[llm.add_request(prompt, params)] = (prompt, params)
+        if requests and rng.random() < 0.05:
+            rid = rng.choice(list(requests))
+            if not llm.requests[rid].is_finished:
+                llm.abort(rid)
+                aborted.add(rid)
+        try:
+            finished += [o.request_id for o in llm.step() if o.finished]
+        except RuntimeError as e:
+            assert "injected" in str(e)
+        step += 1
+        assert step < 3000
+    forward_faults.remove()
+    monkeypatch.setattr(engine_module, "sample", real_sample)
+    assert sorted(finished) == sorted(set(requests) - aborted)  # each exactly once
+    errors = 0
+    for rid, (prompt, params) in requests.items():
+        out = llm.output(rid)
+        if rid in aborted:
+            assert out["finish_reason"] == "abort"
+        elif out["finish_reason"] == "error":
+            errors += 1
+            assert "injected sampling failure" in out["error"]
+        else:
+            assert out["token_ids"] == alone(prompt, params), (rid, params)
+        llm.release(rid)
+    assert_idle(llm)
+    for b, block in enumerate(llm.block_manager.blocks):  # every cached block is findable under its own hash
+        if block.hash != -1 and llm.block_manager.hash_to_block.get(block.hash) == b:
+            assert block.token_ids
+    for prompt in PROMPTS:  # served from the prefix cache the stress test left behind
+        assert llm.generate([prompt], greedy(), use_tqdm=False)[0]["token_ids"] == alone(prompt, greedy())
