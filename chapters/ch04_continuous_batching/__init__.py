@@ -19,7 +19,7 @@ class LLM(LLMEngine):
     def __init__(self, model: str = "default", *args, **options):
         """LLMEngine's arguments, less those `pinned` holds."""
         if clash := sorted(set(options) & set(self.pinned)):
-            raise TypeError(f"chapter 4 does not have {clash}: they arrive in later chapters")
+            raise TypeError(f"{type(self).__module__} does not have {clash}: they arrive in later chapters")
         super().__init__(model, *args, **options, **self.pinned)
 
 

@@ -132,8 +132,72 @@ class CDecodeAttention(PagedAttention):
         return c_kernels_unavailable()
 
 
-BACKENDS: dict[str, type[PagedAttention]] = {"torch": TorchPagedAttention, "c": CDecodeAttention}
-AUTO_ORDER = ("c", "torch")  # what 'auto' tries, best first
+class TritonAttention(PagedAttention):
+    """Chapter 5: the store, the decodes and every prefill chunk in Triton kernels (nanovllm/kernels/triton), one
+    call each per layer. On a GPU they are compiled; on a CPU, Triton's interpreter runs them (exact, and slow:
+    for checking, so 'auto' picks this backend on a GPU only)."""
+
+    name = "triton"
+
+    def __init__(self, pool):
+        super().__init__(pool)
+        from nanovllm.kernels import triton as kernels  # sets TRITON_INTERPRET on a machine without CUDA
+
+        self.kernels = kernels
+
+    @staticmethod
+    def unavailable(pool) -> str | None:
+        from nanovllm.kernels.triton import triton_unavailable
+
+        return triton_unavailable()
+
+    def begin_step(self, layout: StepLayout) -> None:
+        self.layout, device = layout, layout.positions.device
+        self.num_decodes = nd = len(layout.decode_tables)
+        if nd:
+            self.decode_tables = pad_block_tables(layout.decode_tables, device).to(torch.int32)  # (S, width)
+            self.decode_lens = (layout.positions[:nd] + 1).to(torch.int32)  # (S,)
+        chunks = layout.prefills
+        if chunks:
+            self.prefill_tables = pad_block_tables([c.block_table for c in chunks], device).to(torch.int32)
+            self.prefill_lens = torch.tensor([c.start + c.num_tokens for c in chunks], dtype=torch.int32, device=device)
+            starts = [0]
+            for c in chunks:
+                starts.append(starts[-1] + c.num_tokens)
+            self.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)  # (chunks + 1,)
+            self.max_query_len = max(c.num_tokens for c in chunks)  # from the host: the GPU need not be asked
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        q, k, v = q[0], k[0], v[0]  # (N, H, D)
+        self.kernels.store_kv(k_cache, v_cache, k, v, self.layout.slots)
+        out = torch.empty_like(q)
+        nd = self.num_decodes
+        if nd:
+            self.kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, out=out[:nd]
+            )
+        if self.layout.prefills:  # keys come from the pool (stored above), so a first chunk needs no special case
+            self.kernels.varlen_prefill_attention(
+                q[nd:],
+                k_cache,
+                v_cache,
+                self.prefill_tables,
+                self.query_start_loc,
+                self.prefill_lens,
+                out=out[nd:],
+                max_query_len=self.max_query_len,
+            )
+        return out[None]  # (1, N, Hq, D)
+
+
+BACKENDS: dict[str, type[PagedAttention]] = {
+    "torch": TorchPagedAttention,
+    "c": CDecodeAttention,
+    "triton": TritonAttention,
+}
+AUTO_ORDER = ("triton", "c", "torch")  # what 'auto' tries, best first
+AUTO_DEVICES = {"triton": "cuda"}  # on a CPU the Triton interpreter checks tokens; it is no way to run fast
 
 
 def make_attention_backend(name: str, pool, allowed: tuple[str, ...] = tuple(BACKENDS)) -> PagedAttention:
@@ -145,6 +209,8 @@ def make_attention_backend(name: str, pool, allowed: tuple[str, ...] = tuple(BAC
         raise ValueError(f"attention_backend must be one of {choices}, got {name!r}{later}")
     for candidate in AUTO_ORDER if name == "auto" else (name,):
         if candidate not in allowed:
+            continue
+        if name == "auto" and AUTO_DEVICES.get(candidate, pool.k.device.type) != pool.k.device.type:
             continue
         cls = BACKENDS[candidate]
         why = cls.unavailable(pool) if hasattr(cls, "unavailable") else None

@@ -25,7 +25,10 @@ try:
 except Exception as e:  # ImportError, or a broken install that fails while loading its compiled parts
     _WHY: str | None = f"triton is not importable: {type(e).__name__}: {e}"
 else:
-    from nanovllm.kernels.triton._common import INTERPRETING
+    from nanovllm.kernels.triton._common import INTERPRETING, interpret_triton_library
+
+    if INTERPRETING:
+        interpret_triton_library()
     from nanovllm.kernels.triton.decode_attention import choose_num_splits, paged_decode_attention
     from nanovllm.kernels.triton.prefill_attention import varlen_prefill_attention
     from nanovllm.kernels.triton.store_kv import store_kv

@@ -27,6 +27,30 @@ PREFILL_BLOCK_N = 128 if INTERPRETING else 64  # context tokens per iteration of
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def interpret_triton_library() -> None:
+    """Make Triton's own library functions (tl.max, tl.sum, tl.rand, ...) interpreted, like our kernels.
+
+    @triton.jit reads TRITON_INTERPRET when it decorates. torch imports Triton for its own uses (torch._dynamo asks
+    whether it is installed), and if that happened before this package set the variable, the library's functions
+    were made for GPU compilation, and an interpreted kernel that calls tl.max fails with "Cannot call @triton.jit'd
+    outside of the scope of a kernel". Reloading those modules decorates them again, now interpreted; the names
+    `triton.language` re-exports from them are bound to the new functions.
+    """
+    import importlib
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(tl.standard.max, InterpretedFunction):
+        return  # Triton was imported with the interpreter on: nothing to redo
+    for module in (tl.standard, tl.random):
+        old = {name: value for name, value in vars(module).items() if not name.startswith("__")}
+        importlib.reload(module)  # the same module object, its functions decorated again (tensor methods too)
+        for name, value in vars(tl).items():
+            if name in old and value is old[name]:
+                setattr(tl, name, getattr(module, name))
+
+
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether tl.dot's operands are cast to float32 first.
 
