@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
+    # parsed by the benchmark itself (main hands it everything after `bench`): listed here for --help
+    sub.add_parser("bench", add_help=False, help="benchmark engines on a workload (python -m benchmarks; in a clone)")
     return parser
 
 
@@ -35,10 +37,10 @@ def generate(args: argparse.Namespace) -> int:
 
     if args.stream and len(args.prompts) != 1:  # before loading a model that may take a while
         raise ValueError(f"--stream takes one prompt, got {len(args.prompts)}")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    params = SamplingParams(
+    params = SamplingParams(  # checked before the model loads too
         temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
     start = time.perf_counter()
     if args.stream:
         outputs = [stream(llm, args.prompts[0], params)]
@@ -66,12 +68,38 @@ def stream(llm, prompt: str, params: SamplingParams) -> dict:
     return result
 
 
+def bench(argv: list[str]) -> int:
+    """`nanovllm bench ARGS` is `python -m benchmarks ARGS`. The benchmark ships with a clone of the repository, not
+    with the package: it is imported from the working folder, else from beside the `nanovllm` in use (an editable
+    install of a clone)."""
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / "benchmarks" / "__init__.py").is_file():
+            sys.path.insert(0, str(root))
+            break
+    try:
+        from benchmarks.cli import main as benchmark
+    except ImportError as e:
+        print(
+            f"nanovllm: error: `nanovllm bench` needs the benchmarks package of a clone of nano-vLLM ({e}): "
+            "run it inside the clone",
+            file=sys.stderr,
+        )
+        return 2
+    return benchmark(argv, prog="nanovllm bench")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark parses its own arguments (`nanovllm bench --help` is its help)
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return generate(args)
     except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: one clear line, no traceback
-        print(f"nanovllm: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).splitlines())  # one line, whatever the message
+        print(f"nanovllm: error: {message}", file=sys.stderr)
         return 2
 
 

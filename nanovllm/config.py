@@ -91,8 +91,7 @@ class ModelConfig:
             )
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
 
-        eos = hf.get("eos_token_id")
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        eos_ids = eos_token_ids(hf.get("eos_token_id"), source)
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         return cls(
             architecture=arch,
@@ -130,7 +129,20 @@ class ModelConfig:
         cfg = cls.from_dict(hf, source=str(path))
         gen = Path(folder) / "generation_config.json"
         if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            if eos is not None:
-                cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+            try:
+                gen_cfg = json.loads(gen.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelFormatError(f"{gen}: not valid JSON ({e})") from e
+            if not isinstance(gen_cfg, dict):
+                raise ModelFormatError(f"{gen}: expected a JSON object")
+            if gen_cfg.get("eos_token_id") is not None:
+                cfg.eos_token_ids = eos_token_ids(gen_cfg["eos_token_id"], str(gen))
         return cfg
+
+
+def eos_token_ids(value: Any, source: str) -> list[int]:
+    """`eos_token_id` as a list: null, one id, or a list of ids (each a non-negative integer)."""
+    ids = [] if value is None else [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ModelFormatError(f"{source}: 'eos_token_id' must be a token id or a list of them, got {value!r}")
+    return list(ids)

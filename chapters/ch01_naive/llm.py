@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs, request_generator
+from nanovllm.engine.io import (
+    Prompt,
+    check_engine_args,
+    finish_reason,
+    make_output,
+    prepare_inputs,
+    request_generator,
+)
 from nanovllm.layers.attention import causal_attention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
@@ -110,6 +118,7 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
     ):
+        check_engine_args(dtype=dtype, device=device, max_model_len=max_model_len, seed=seed)
         loaded = load_model(model, dtype=dtype, device=device)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
@@ -126,9 +135,11 @@ class LLM:
     ) -> list[tuple[list[int], SamplingParams]]:
         """Tokenize and check the prompts, pair them with their params; refuse what chapter 4 brings."""
         inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
-        for _, params in inputs:
+        for i, (ids, params) in enumerate(inputs):
             if later := params.non_default(LATER_SAMPLING_FIELDS):
                 raise ValueError(f"{self.chapter} samples with temperature only; {later} arrive in chapter 4")
+            if params.greedy and params.temperature != 0.0:  # too small to divide the logits by: argmax
+                inputs[i] = (ids, dataclasses.replace(params, temperature=0.0))
         return inputs
 
     def generator_for(self, params: SamplingParams) -> torch.Generator:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from chapters.ch01_naive.llm import LLM as Chapter1LLM
 from chapters.ch01_naive.llm import sample_token
 from chapters.ch02_kv_cache.kv_cache import ContiguousKVCache
-from nanovllm.engine.io import Prompt, finish_reason, make_output
+from nanovllm.engine.io import Prompt, check_engine_args, finish_reason, make_output
 from nanovllm.engine.kv_cache import KVPool
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
@@ -107,6 +107,7 @@ class LLM(Chapter1LLM):
         max_num_seqs: int = 16,
         kv_cache_memory: int | None = None,
     ):
+        check_engine_args(max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory)
         super().__init__(model, dtype, device, max_model_len, seed)
         cfg, torch_dtype = self.config, self.model.lm_head.weight.dtype
         per_row = self.max_model_len * KVPool.bytes_per_block(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from typing import Union
 
 import torch
 
 from nanovllm.errors import PromptTooLongError
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.loader import check_device, resolve_dtype
 from nanovllm.utils.tokenizer import Tokenizer, incremental_text
 
 Prompt = Union[str, list[int]]  # noqa: UP007 (a runtime alias: `|` needs Python 3.10 objects)
@@ -24,11 +26,17 @@ def prepare_inputs(
     """Tokenize and check every prompt, and pair it with its SamplingParams (one for all, or one each)."""
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]  # a single prompt
+    elif isinstance(prompts, (bytes, bytearray, dict, set, frozenset)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {_describe(prompts)}")
     prompts = list(prompts)
     if sampling_params is None:
         sampling_params = SamplingParams()
     if isinstance(sampling_params, SamplingParams):
         params = [sampling_params] * len(prompts)
+    elif not isinstance(sampling_params, (list, tuple)):
+        raise TypeError(
+            f"sampling_params must be SamplingParams or a list of them, got {type(sampling_params).__name__}"
+        )
     else:
         params = list(sampling_params)
         if len(params) != len(prompts):
@@ -41,16 +49,32 @@ def prepare_inputs(
     return [(prompt_ids(tokenizer, p, max_model_len, vocab_size), sp) for p, sp in zip(prompts, params)]
 
 
+def check_prompt(prompt: object) -> None:
+    """One prompt is a string or a list of token ids (integers); anything else is a TypeError naming it.
+
+    add_request calls this before wrapping its prompt in a list: [5] would pass for a one-token prompt."""
+    if isinstance(prompt, (list, tuple)):
+        if wrong := [t for t in prompt if isinstance(t, bool) or not isinstance(t, int)]:
+            raise TypeError(f"a prompt of token ids must hold integers only, got {_describe(wrong[0])} in it")
+    elif not isinstance(prompt, str):
+        raise TypeError(f"a prompt is a string or a list of token ids, got {_describe(prompt)}")
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, max_model_len: int, vocab_size: int) -> list[int]:
+    check_prompt(prompt)
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        # a tokenizer may hold more tokens than the model's embedding (added special tokens past vocab_size)
+        if bad := [t for t in ids if not 0 <= t < vocab_size]:
+            raise ValueError(
+                f"prompt {_short(prompt)} encodes to token ids {bad[:5]}, outside the vocabulary [0, {vocab_size}) "
+                f"of the model: its tokenizer knows tokens its embedding has no row for"
+            )
+    else:
         ids = list(prompt)
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    else:
-        raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
     if not ids:
         raise ValueError("empty prompt: give at least one token (or a tokenizer that adds BOS)")
     if len(ids) >= max_model_len:
@@ -102,3 +126,82 @@ def stop_string_cut(text: str, stop: list[str], include: bool, searched: int = 0
         return None
     index, s = min(hits)
     return index + len(s) if include else index
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text[:40] + "..." if len(text) > 43 else text
+
+
+def _describe(value: object) -> str:
+    """A value for an error message: its type, and its repr cut short."""
+    return f"{type(value).__name__} {_short(value)}"
+
+
+# ---- engine arguments: one check for every chapter's LLM and for LLMEngine ------------------------------
+
+
+def check_engine_args(**args: object) -> None:
+    """Refuse an engine argument of the wrong type (TypeError) or value (ValueError), naming it, before any
+    model is loaded. Every chapter's LLM and LLMEngine pass the arguments they take, by name."""
+    for name, value in args.items():
+        check = _ENGINE_ARGS.get(name)
+        if check is None:
+            raise TypeError(f"check_engine_args: no rule for an argument named {name!r}")
+        check(name, value)
+
+
+def _count(low: int, optional: bool = False, high: int = 2**31):
+    """An integer in [low, high) (None too, when optional): a float or out of range is a ValueError."""
+
+    def check(name: str, value: object) -> None:
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be an integer >= {low}, got {_describe(value)}")
+        if not isinstance(value, int) or not low <= value < high:
+            raise ValueError(f"{name} must be an integer >= {low}, below 2**{high.bit_length() - 1}, got {value!r}")
+
+    return check
+
+
+def _kv_cache_memory(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of bytes (or None for the default), got {_describe(value)}")
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{name} must be a number of bytes >= 1 (or None for the default), got {value!r}")
+
+
+def _fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {_describe(value)}")
+    if not 0.0 < value <= 1.0:  # NaN fails this too
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_describe(value)}")
+
+
+def _text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {_describe(value)}")
+
+
+_ENGINE_ARGS = {
+    "dtype": lambda name, value: resolve_dtype(value),
+    "device": lambda name, value: check_device(value),
+    "max_model_len": _count(1, optional=True),
+    "seed": _count(0, high=2**64),  # what torch.Generator.manual_seed takes
+    "max_num_seqs": _count(1),
+    "max_num_batched_tokens": _count(1),
+    "block_size": _count(1),
+    "kv_cache_memory": _kv_cache_memory,
+    "gpu_memory_utilization": _fraction,
+    "enable_prefix_caching": _flag,
+    "enable_chunked_prefill": _flag,
+    "attention_backend": _text,  # its values are checked where the backend is chosen
+}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from nanovllm.config import ModelConfig
@@ -99,8 +102,11 @@ def pool_for_model(
     kv_cache_memory: int | None,
     gpu_memory_utilization: float,
     default_tokens: int,
+    max_model_len: int | None = None,
 ) -> KVPool:
-    """The model's KV pool: `kv_cache_memory` bytes, else a fraction of free GPU memory, else default_tokens on CPU."""
+    """The model's KV pool: `kv_cache_memory` bytes, else a fraction of free GPU memory, else on the CPU room for
+    default_tokens, but no more than CPU_MEMORY_FRACTION of the memory available now (a long-context model's
+    default would not fit). When that cannot hold one sequence of max_model_len tokens, it says what to set."""
     args = (config.num_layers, block_size, config.num_kv_heads, config.head_dim, dtype)
     per_block = KVPool.bytes_per_block(*args)  # first: it refuses a block_size below 1
     if kv_cache_memory is not None:
@@ -112,4 +118,48 @@ def pool_for_model(
         budget = int(free - (1.0 - gpu_memory_utilization) * total)
     else:
         budget = -(-default_tokens // block_size) * per_block
+        available = available_memory()
+        if available is not None and budget > CPU_MEMORY_FRACTION * available:
+            budget = int(CPU_MEMORY_FRACTION * available)
+            one = -(-(max_model_len or 1) // block_size) * per_block  # one sequence of the full context
+            if budget < max(one, per_block):
+                raise ValueError(
+                    f"the KV cache does not fit: one sequence of max_model_len={max_model_len or 1} tokens needs "
+                    f"{one / 2**20:.1f} MiB, and the default KV budget is {CPU_MEMORY_FRACTION:.0%} of the "
+                    f"{available / 2**20:.0f} MiB of memory available, {budget / 2**20:.1f} MiB; "
+                    f"pass a smaller max_model_len, or kv_cache_memory (bytes) to choose the budget yourself"
+                )
     return KVPool.from_budget(budget, *args, device=device)
+
+
+CPU_MEMORY_FRACTION = 0.25  # of the memory available when the engine starts: the default CPU KV budget's ceiling
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take without swapping, or None where that cannot be told.
+
+    psutil when it is installed; else Linux's MemAvailable (capped by a cgroup v2 memory limit, as in a
+    container); else the free physical pages os.sysconf reports.
+    """
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvail"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # Windows has no sysconf; macOS has no SC_AVPHYS_PAGES
+            return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.io import Prompt, prepare_inputs, request_generator
+from nanovllm.engine.io import Prompt, check_engine_args, check_prompt, prepare_inputs, request_generator
 from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
@@ -58,6 +58,20 @@ class LLMEngine:
         enable_chunked_prefill: bool = True,
         attention_backend: str = "auto",
     ):
+        check_engine_args(
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+            attention_backend=attention_backend,
+        )
         loaded = load_model(model, dtype=dtype, device=device)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         cfg = self.config
@@ -73,6 +87,7 @@ class LLMEngine:
             kv_cache_memory,
             gpu_memory_utilization,
             16 * self.max_model_len,
+            max_model_len=self.max_model_len,
         )
         self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
@@ -94,6 +109,7 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Bad prompts and requests that can never fit fail here."""
+        check_prompt(prompt)
         [(ids, params)] = self._checked([prompt], sampling_params)
         return self._add(ids, params)
 

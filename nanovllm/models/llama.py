@@ -85,6 +85,15 @@ class DecoderForCausalLM(nn.Module):
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """.to(dtype), .half(), .bfloat16() cast the weights but keep inv_freq float32, as transformers does:
+        rounded to bf16 its rotation angles drift from the true ones more at every position."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if inv_freq.dtype == torch.float32 and not inv_freq.is_meta and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: (B, T) -> final hidden states (B, T, E), normalised."""
         x = self.model.embed_tokens(input_ids)  # (B, T, E)

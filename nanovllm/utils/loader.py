@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,15 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """The weights' dtype: float32 (the default), bfloat16 or float16, by name or as a torch.dtype."""
     if dtype is None:
         return torch.float32  # the safe default on CPU: bf16 matmuls are slow on many CPUs
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():  # float8, float64, integers: torch has them, the model does not run in them
+            raise ValueError(f"dtype {dtype} is not supported; choose torch.float32, torch.bfloat16 or torch.float16")
         return dtype
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a string or a torch.dtype, got {dtype!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
@@ -48,6 +54,8 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def check_device(device: str | torch.device) -> None:
     """Refuse, in words, a device this machine or this torch build cannot use (before any weight is read)."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', or a torch.device, got {device!r}")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -58,7 +66,7 @@ def check_device(device: str | torch.device) -> None:
             raise ValueError(f"device {device!r} is not available: {why}; use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
-    elif dev.type not in ("cpu", "meta"):
+    elif dev.type != "cpu":  # 'meta' included: it holds shapes, not numbers, so nothing could be generated
         raise ValueError(f"device {device!r} is not supported: nanovllm runs on 'cpu' or 'cuda'")
 
 
@@ -118,6 +126,8 @@ def find_llama2c(path: Path) -> tuple[Path, Path] | None:
 
 def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
     """Load a model by short name ('default'), Hugging Face folder, or llama2.c checkpoint."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path or a short name such as 'default', got {model!r}")
     path = SHORT_NAMES.get(str(model), Path(model))
     if not path.exists():
         hint = " (short names: " + ", ".join(SHORT_NAMES) + ")"
@@ -144,8 +154,10 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     net.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         net.lm_head.weight = net.model.embed_tokens.weight
-    net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     load_state_dict_into(net, tensors, source)
     net = net.to(torch_dtype).eval()
+    # RoPE's frequencies stay float32 whatever the weights' dtype, as in transformers: rounded to bf16, each
+    # angle position * inv_freq would drift further from the true one at every position
+    net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     net.transpose_weights_()
     return LoadedModel(net, cfg, tokenizer, path)
