@@ -5,3 +5,7 @@
 It sits on top of the project (like tests/): it imports `chapters` and `nanovllm`, and
 nothing imports it. See `python -m benchmarks --help` and `--list`.
 """
+
+
+class BenchError(ValueError):
+    """A problem with what the benchmark was asked to do, told in one line (the CLI prints it, no traceback)."""

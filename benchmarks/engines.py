@@ -1,4 +1,5 @@
-"""Engines under test: every chapter snapshot that exists (found at run time), transformers, llama.cpp.
+"""Engines under test: every chapter snapshot that exists (found at run time), transformers, llama.cpp, and
+chapters at other git commits (`ch04@d210eab`, run in a worker process: benchmarks/worker.py).
 
 Each engine runs a whole workload and reports what it generated and, when it can stream
 (a chapter with add_request/step/has_unfinished), when each request's tokens appeared.
@@ -7,15 +8,19 @@ Each engine runs a whole workload and reports what it generated and, when it can
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import inspect
 import pkgutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from benchmarks import BenchError
 from benchmarks.models import ResolvedModel
 from benchmarks.workloads import Request
 
@@ -27,6 +32,9 @@ class RunResult:
     ttft_s: list[float] | None = None  # per request: submit -> first token (streaming engines only)
     tpot_s: list[float] | None = None  # per request: (last token - first token) / (n - 1)
     forward_passes: int | None = None  # calls of the model's forward during the run (None: cannot tell)
+    # memory measured by the engine's own process (a worker); None: the caller measures its own process
+    peak_mem_bytes: int | None = None
+    mem_growth_bytes: int | None = None
 
 
 class ForwardCounter:
@@ -49,9 +57,14 @@ class Engine:
     name: str = "?"
     kind: str = "?"  # "chapter", "transformers", "llama.cpp"
     streams: bool = False  # run() measures per-request TTFT/TPOT itself
+    load_mem_bytes: int | None = None  # set by an engine that measures its own loading (a worker process)
 
     def run(self, requests: list[Request]) -> RunResult:
         raise NotImplementedError
+
+    def progress(self) -> str | None:
+        """How far the run in progress has got ('3/16 requests done'), read from another thread; None: unknown."""
+        return None
 
     def kv_cache_bytes(self, requests: list[Request]) -> int | None:
         """KV-cache memory the engine holds (or needs) for this workload; None when it cannot be told."""
@@ -85,11 +98,30 @@ def known_engines() -> list[str]:
 
 
 def canonical_name(name: str) -> str:
-    """'ch01', 'ch01_naive', 'chapters.ch01_naive' -> 'ch01'; 'hf' -> 'transformers'; 'llamacpp' -> 'llama.cpp'."""
+    """'ch01', 'ch01_naive', 'chapters.ch01_naive' -> 'ch01'; 'hf' -> 'transformers'; 'llamacpp' -> 'llama.cpp';
+    'ch04_continuous_batching@HEAD~1' -> 'ch04@HEAD~1' (the ref is kept as written)."""
+    name, at, ref = name.strip().partition("@")
     name = name.strip().removeprefix("chapters.")
     if name[:2] == "ch" and name[2:4].isdigit():
-        return name[:4]
-    return {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}.get(name, name)
+        return name[:4] + at + ref.strip()
+    return {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}.get(name, name) + at + ref
+
+
+def check_engine(name: str) -> None:
+    """A BenchError, in one line, unless `name` is an engine this benchmark knows (llama.cpp counts even when it is
+    not installed: it is skipped, saying how to add it). For chNN@REF, REF must be a commit holding chapter NN."""
+    from benchmarks.worktrees import chapter_at, resolve_ref, split_ref
+
+    base, ref = split_ref(canonical_name(name))
+    if ref is not None:
+        if base[:2] != "ch" or not base[2:4].isdigit():
+            raise BenchError(f"engine {name!r}: only chapters run at a git commit (chNN@REF)")
+        chapter_at(resolve_ref(ref), base)
+    elif base not in (*chapter_packages(), "transformers", "llama.cpp"):
+        raise BenchError(
+            f"unknown engine {name!r}; engines here: {', '.join(known_engines())} "
+            "(llama.cpp with llama-cpp-python installed), or chNN@REF for a chapter at a git commit"
+        )
 
 
 def parse_option(text: str) -> tuple[str, str, Any]:
@@ -129,6 +161,10 @@ def create_engine(
 
     `shared`: settings for every chapter that accepts them (see ChapterEngine)."""
     base = canonical_name(name)
+    if "@" in base:  # a chapter at another commit: its own process, its own checkout
+        from benchmarks.worker import WorkerEngine
+
+        return WorkerEngine(base, model, device, dtype, options, shared)
     if base == "transformers":
         from benchmarks.hf_engine import TransformersEngine
 
@@ -145,7 +181,7 @@ def create_engine(
 
 def preload(name: str) -> None:
     """Import an engine's code, so the memory measured while loading it is its own, not the imports'."""
-    base = canonical_name(name)
+    base = canonical_name(name)  # chNN@REF: nothing to import here, its worker imports its own code
     packages = chapter_packages()
     if base in packages:
         importlib.import_module(packages[base])
@@ -185,21 +221,31 @@ class ChapterEngine(Engine):
         self.streams = stream and all(hasattr(self.llm, a) for a in ("add_request", "step", "has_unfinished"))
         model = getattr(self.llm, "model", None)
         self.passes = ForwardCounter(model) if isinstance(model, torch.nn.Module) else None
+        self.done = self.total = self.passes_at_start = 0  # progress of the run in flight
 
     def params(self, r: Request):
         return self.SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
 
     def run(self, requests: list[Request]) -> RunResult:
         start = self.passes.count if self.passes else 0
+        self.done, self.total, self.passes_at_start = 0, len(requests), start
         if self.streams:
             result = self._run_streaming(requests)
         else:
-            t0 = time.perf_counter()
-            outs = self.llm.generate([r.prompt for r in requests], [self.params(r) for r in requests], use_tqdm=False)
-            result = RunResult(time.perf_counter() - t0, [list(o["token_ids"]) for o in outs])
+            with counting_bar(self):
+                t0 = time.perf_counter()
+                outs = self.llm.generate(
+                    [r.prompt for r in requests], [self.params(r) for r in requests], use_tqdm=False
+                )
+                result = RunResult(time.perf_counter() - t0, [list(o["token_ids"]) for o in outs])
+        self.done = self.total
         if self.passes:
             result.forward_passes = self.passes.since(start)
         return result
+
+    def progress(self) -> str | None:
+        passes = f", {self.passes.since(self.passes_at_start)} forward passes" if self.passes else ""
+        return f"{self.done}/{self.total} requests done{passes}"
 
     def _run_streaming(self, requests: list[Request]) -> RunResult:
         t0 = time.perf_counter()
@@ -217,6 +263,8 @@ class ChapterEngine(Engine):
                     first[i] = now
                 tokens[i].extend(new)
                 last[i] = now
+                if new and len(tokens[i]) == requests[i].max_tokens:
+                    self.done += 1
         wall = time.perf_counter() - t0
         ttft = [f - t0 for f in first]
         tpot = [(la - f) / (len(t) - 1) if len(t) > 1 else 0.0 for f, la, t in zip(first, last, tokens)]
@@ -232,6 +280,55 @@ class ChapterEngine(Engine):
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "package": self.package, "options": self.options, "streams": self.streams}
+
+
+@contextlib.contextmanager
+def counting_bar(engine: ChapterEngine) -> Iterator[None]:
+    """While a chapter's `generate` runs, its module's `tqdm` is a bar that draws nothing and counts finished requests
+    into the engine's progress. Chapters before 4 do not stream, and their own progress bar is the one place that
+    knows how many requests are done; counting it leaves the timed work as it was (a disabled tqdm does as little)."""
+    generate = getattr(type(engine.llm), "generate", None)
+    module = sys.modules.get(getattr(generate, "__module__", None) or "")
+    saved = getattr(module, "tqdm", None)
+    if saved is None:
+        yield
+        return
+    module.tqdm = type("CountingBar", (_CountingBar,), {"counts_into": engine})
+    try:
+        yield
+    finally:
+        module.tqdm = saved
+
+
+class _CountingBar:
+    """What the chapters use of tqdm: iterate (an item is done when the next is asked for), update(n), with, close."""
+
+    counts_into: ChapterEngine
+
+    def __init__(self, iterable: Any = None, *args: Any, **kwargs: Any):
+        self.iterable = iterable
+
+    def __iter__(self):
+        for i, item in enumerate(self.iterable):
+            self.counts_into.done = i
+            yield item
+        self.counts_into.done = self.counts_into.total
+
+    def update(self, n: int = 1) -> None:
+        self.counts_into.done += n
+
+    def __enter__(self) -> _CountingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:  # close, refresh, set_postfix, ...: nothing to draw
+        return lambda *args, **kwargs: None
+
+    @staticmethod
+    def write(text: str, *args: Any, **kwargs: Any) -> None:
+        print(text, file=sys.stderr)
 
 
 def step_tokens(produced: Any) -> list[tuple[Any, list[int]]]:

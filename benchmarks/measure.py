@@ -93,6 +93,40 @@ def copy_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5) -> flo
     return 2 * n * 4 / best
 
 
+class Ticker:
+    """While a long run goes on, a line every `every_s` seconds: how long it has run and how far it has got (a round
+    of chapter 1 on a larger model takes minutes). Short runs print nothing."""
+
+    def __init__(
+        self,
+        label: str,
+        log: Callable[[str], None],
+        progress: Callable[[], str | None] = lambda: None,
+        every_s: float = 30.0,
+    ):
+        self.label, self.log, self.progress, self.every = label, log, progress, every_s
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Ticker:
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                told = self.progress()
+            except Exception:  # progress is a courtesy: never let it stop a run
+                told = None
+            so_far = f"{time.perf_counter() - self.t0:.0f} s so far"
+            self.log(f"    {self.label}: {so_far}" + (f", {told}" if told else ""))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -178,13 +212,14 @@ def measure(
     warmup_tokens: int | None,
     device: str = "cpu",
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    progress_s: float = 30.0,
 ) -> Measured:
     """Warm every engine up, then run `repeats` rounds, each running every engine once in turn (A B A B ...).
 
     `make(r)` gives round r's workload: the same lengths every round, fresh token ids per round
     (so no engine reuses a prefix it cached earlier), identical for every engine within a round.
     `warmup_tokens`: outputs capped to this many tokens in the warm-up round (None: the full
-    workload; 0: no warm-up).
+    workload; 0: no warm-up). `progress_s`: a run longer than this logs how far it has got, every `progress_s`.
     """
     base = make(0)
     out = Measured(base)
@@ -193,7 +228,8 @@ def measure(
         warm = warm if warmup_tokens is None else warm.capped(warmup_tokens)
         for e in engines:
             t0 = time.perf_counter()
-            e.run(warm.requests)
+            with Ticker(f"warm-up {e.name}", log, e.progress, progress_s):
+                e.run(warm.requests)
             log(f"  warm-up {e.name}: {time.perf_counter() - t0:.2f} s")
     for e in engines:
         out.rounds[e.name], out.peak_rss[e.name], out.run_growth[e.name] = [], None, None
@@ -201,7 +237,7 @@ def measure(
     for r in range(repeats):
         work = make(r + 1)
         for e in engines:
-            with PeakMemory(device) as mem:
+            with PeakMemory(device) as mem, Ticker(f"round {r + 1}/{repeats} {e.name}", log, e.progress, progress_s):
                 result = e.run(work.requests)
             ttft_run = None
             if len(work.requests) == 1:
@@ -212,10 +248,13 @@ def measure(
             m = run_metrics(work, result, ttft_run)
             out.rounds[e.name].append(m)
             peak = mem.cuda_peak if mem.cuda_peak is not None else mem.peak
+            growth = mem.growth
+            if result.peak_mem_bytes is not None or result.mem_growth_bytes is not None:  # its own process's
+                peak, growth = result.peak_mem_bytes, result.mem_growth_bytes
             if peak is not None:
                 out.peak_rss[e.name] = max(out.peak_rss[e.name] or 0, peak)
-            if mem.growth is not None:
-                out.run_growth[e.name] = max(out.run_growth[e.name] or 0, mem.growth)
+            if growth is not None:
+                out.run_growth[e.name] = max(out.run_growth[e.name] or 0, growth)
             log(f"  round {r + 1}/{repeats} {e.name}: {m.wall_s:.2f} s, {m.output_tok_s:.1f} out tok/s")
     return out
 

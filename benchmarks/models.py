@@ -191,6 +191,7 @@ def param_count(cfg: dict[str, Any]) -> int:
 
 def resolve_model(name_or_path: str, cache: Path | None = None) -> ResolvedModel:
     """A named model (built into the cache on first use) or a Hugging Face folder / llama2.c checkpoint path."""
+    check_model(name_or_path)
     cache = cache or cache_dir()
     if name_or_path in MODELS:
         spec = MODELS[name_or_path]
@@ -201,11 +202,22 @@ def resolve_model(name_or_path: str, cache: Path | None = None) -> ResolvedModel
             _build_random(spec, folder)
         return ResolvedModel(spec.name, folder, folder, json.loads((folder / "config.json").read_text()))
     path = Path(name_or_path)
-    if not path.exists():
-        raise FileNotFoundError(f"model {name_or_path!r}: not a named model ({', '.join(MODELS)}) nor a path")
     if (path / "config.json").is_file():
         return ResolvedModel(path.name, path, path, json.loads((path / "config.json").read_text()))
     return _llama2c(path, path.stem, cache)
+
+
+def check_model(name_or_path: str) -> None:
+    """A FileNotFoundError, in one line, for a model that cannot be had here (checked before anything is built)."""
+    if name_or_path == "stories260k" and not STORIES260K.exists():
+        raise FileNotFoundError(
+            f"model stories260k needs the shared folder beside this clone: {STORIES260K} is absent "
+            "(a built model such as llama-20m needs nothing; see --list)"
+        )
+    if name_or_path not in MODELS and not Path(name_or_path).exists():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a named model ({', '.join(MODELS)}) nor a folder or checkpoint"
+        )
 
 
 def _spec_stamp(spec: ModelSpec) -> dict[str, Any]:

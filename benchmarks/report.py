@@ -68,7 +68,11 @@ def header(results: dict[str, Any]) -> str:
         f"model {mod['name']} ({mod['params'] / 1e6:.2f}M params, {mod['dtype']}) on {m['device']} ({where}), "
         f"torch {m['torch']}, {m['threads']} threads, copy bandwidth "
         f"{_num(bw and bw / 2**30)} GiB/s; {results['settings']['repeats']} interleaved rounds, medians; "
-        f"ratio = pairwise vs {results['settings']['baseline'] or '(none)'}"
+        + (
+            f"ratio = pairwise vs {results['settings']['baseline']}"
+            if results["settings"]["baseline"]
+            else "no ratios (pass --baseline ENGINE, one of the engines run)"
+        )
     )
 
 
@@ -115,11 +119,17 @@ LEGEND = (
 
 
 def render(results: dict[str, Any]) -> str:
-    peaks = [e["peak_mem_bytes"] for wl in results["workloads"].values() for e in wl["engines"].values()]
-    peaks = [p for p in peaks if p is not None]
+    # engines at another commit run in worker processes: their peak is their own process's, not this one's
+    workers = {n for n, info in results["engines"].items() if info.get("process") == "worker"}
+    rows = [(n, e) for wl in results["workloads"].values() for n, e in wl["engines"].items()]
+    peaks = [e["peak_mem_bytes"] for n, e in rows if n not in workers and e["peak_mem_bytes"] is not None]
     parts = [header(results), "", table(results), "", LEGEND]
     if peaks:
-        parts.append(f"Process peak memory (all engines loaded in one process): {max(peaks) / 2**20:.0f} MiB.")
+        where = "the other engines" if workers else "all engines"
+        parts.append(f"Process peak memory ({where} loaded in one process): {max(peaks) / 2**20:.0f} MiB.")
+    for name in sorted(workers):
+        info = results["engines"][name]
+        parts.append(f"{name}: commit {info['commit'][:10]}, run in its own process from {info['worktree']}.")
     if results.get("targets"):
         parts += ["", "ROADMAP targets:", targets_text(results)]
     if results.get("skipped"):

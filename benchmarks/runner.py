@@ -27,7 +27,7 @@ class Settings:
     model: str = "llama-20m"
     workloads: list[str] = field(default_factory=lambda: ["decode-1", "mixed"])
     engines: list[str] = field(default_factory=lambda: ["ch01", "transformers"])
-    baseline: str | None = "transformers"
+    baseline: str | None = None  # None: transformers when it runs, else the first engine; "none": no ratios
     repeats: int = 3
     warmup_tokens: int | None = 16  # None: warm up on the full workload; 0: no warm-up
     device: str = "cpu"
@@ -40,6 +40,7 @@ class Settings:
     # on CUDA an equal share of half the free memory, since all engines live in one process)
     kv_cache_memory: int | None = None
     bandwidth: bool = True  # measure copy bandwidth (for the decode roofline)
+    progress_s: float = 30.0  # a run longer than this logs how far it has got, every progress_s
     command: str = ""  # the command line that asked for this run (recorded in the result)
 
 
@@ -48,11 +49,13 @@ def variant_name(engine: str, key: str, value: Any) -> str:
 
 
 def plan_engines(s: Settings) -> list[tuple[str, str, dict[str, Any]]]:
-    """(display name, engine, options) for every engine to load; a swept engine becomes one variant per value."""
+    """(display name, engine, options) for every engine to load; a swept engine becomes one variant per value.
+    A chapter at a commit (ch04@REF) takes the chapter's options (ch04:...), then its own (ch04@REF:...)."""
     plan = []
     for raw in s.engines:
         name = canonical_name(raw)
-        opts = dict(s.engine_options.get(name, {}))
+        base = name.partition("@")[0]
+        opts = {**(s.engine_options.get(base, {}) if base != name else {}), **s.engine_options.get(name, {})}
         if name in s.sweeps:
             key, values = s.sweeps[name]
             plan += [(variant_name(name, key, v), name, {**opts, key: v}) for v in values]
@@ -124,8 +127,6 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     if bandwidth:
         log(f"copy bandwidth: {bandwidth / 2**30:.1f} GiB/s")
     engines: list[Engine] = []
-    loaded: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
     plan = plan_engines(s)
     for _, name, _ in plan:
         preload(name)
@@ -134,23 +135,62 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     if shared["kv_cache_memory"] is None and s.device.startswith("cuda"):
         chapters = sum(1 for _, name, _ in plan if name[:2] == "ch")
         shared["kv_cache_memory"] = int(torch.cuda.mem_get_info(s.device)[0] * 0.5 / max(chapters, 1))
+    try:
+        return _measure_all(s, model, plan, shared, bandwidth, engines, log)
+    finally:
+        for e in engines:
+            e.close()
+
+
+def choose_baseline(wanted: str | None, loaded: list[str], log: Callable[[str], None]) -> str | None:
+    """The engine ratios are taken against: the one asked for, else transformers when it ran, else the first engine."""
+    if wanted is None:
+        return "transformers" if "transformers" in loaded else (loaded[0] if loaded else None)
+    if wanted.lower() == "none":
+        return None
+    baseline = canonical_name(wanted)
+    if baseline not in loaded:
+        log(
+            f"baseline {baseline} was not run, so no ratios; pass --baseline with one of the engines run "
+            f"({', '.join(loaded) or 'none'})"
+        )
+        return None
+    return baseline
+
+
+def _measure_all(
+    s: Settings,
+    model: ResolvedModel,
+    plan: list[tuple[str, str, dict[str, Any]]],
+    shared: dict[str, Any],
+    bandwidth: float | None,
+    engines: list[Engine],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Load the engines (into `engines`, which the caller closes) and measure every workload."""
+    loaded: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for display, name, opts in plan:
+        log(f"loading {display} ...")
         try:
             with PeakMemory(s.device) as mem:  # loading, and one tiny request that touches every weight
                 engine = create_engine(name, model, s.device, s.dtype, opts, shared)
-                engine.run([Request([3, 4, 5, 6, 7, 8, 9, 10], 2)])
+                try:
+                    engine.run([Request([3, 4, 5, 6, 7, 8, 9, 10], 2)])
+                except BaseException:
+                    engine.close()  # a worker process must not outlive the run
+                    raise
         except EngineUnavailable as e:
             skipped[display] = str(e)
             log(f"skipping {display}: {e}")
             continue
-        engine.name = display
         engines.append(engine)
-        loaded[display] = {**engine.info(), "load_mem_bytes": mem.growth}
+        engine.name = display
+        # an engine in a worker process measures its own loading; the rest are measured here
+        load_mem = engine.load_mem_bytes if engine.load_mem_bytes is not None else mem.growth
+        loaded[display] = {**engine.info(), "load_mem_bytes": load_mem}
         log(f"loaded {display}")
-    baseline = canonical_name(s.baseline) if s.baseline else None
-    if baseline and baseline not in loaded:
-        log(f"baseline {baseline} is not among the engines run: no ratios")
-        baseline = None
+    baseline = choose_baseline(s.baseline, list(loaded), log)
     step_bytes = weight_bytes_per_step(model, s.dtype)
     workloads: dict[str, Any] = {}
     for wl_name in s.workloads:
@@ -160,7 +200,7 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         def make(variant: int, spec=spec):
             return make_workload(spec, model.vocab_size, model.max_model_len, model.special_ids, variant)
 
-        m = measure(engines, make, s.repeats, s.warmup_tokens, s.device, log)
+        m = measure(engines, make, s.repeats, s.warmup_tokens, s.device, log, s.progress_s)
         per_engine = {}
         for e in engines:
             row = summarize(m, e.name, baseline)
@@ -175,8 +215,6 @@ def _run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
             per_engine[e.name] = row
         workloads[spec.name] = {**m.workload.summary(), "engines": per_engine}
         gc.collect()
-    for e in engines:
-        e.close()
     results = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

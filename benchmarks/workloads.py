@@ -57,7 +57,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         WorkloadSpec("mixed-small", "8 requests, prompts 8-64, outputs 8-64 (perf tests, CI)", 8, (8, 64), (8, 64)),
         WorkloadSpec(
             "mixed-64",
-            "64 requests, prompts 16-512, outputs 16-256 (continuous batching's workload, issue 4)",
+            "64 requests, prompts 16-512, outputs 16-256 (where continuous batching shows)",
             64,
             (16, 512),
             (16, 256),

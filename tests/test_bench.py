@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import cli, report
+from benchmarks import BenchError, cli, report
 from benchmarks.engines import (
     ChapterEngine,
     Engine,
@@ -19,6 +22,7 @@ from benchmarks.engines import (
     RunResult,
     canonical_name,
     chapter_packages,
+    check_engine,
     create_engine,
     find_kv_tensors_bytes,
     llamacpp_installed,
@@ -26,9 +30,11 @@ from benchmarks.engines import (
     step_tokens,
 )
 from benchmarks.measure import Measured, measure, percentile, ratios, run_metrics, summarize
-from benchmarks.models import ModelSpec, llama, param_count, resolve_model
+from benchmarks.models import ROOT, ModelSpec, llama, param_count, resolve_model
+from benchmarks.runner import Settings, choose_baseline, plan_engines
 from benchmarks.targets import TARGETS, check_targets
 from benchmarks.workloads import WORKLOADS, Request, Workload, get_spec, make_workload
+from benchmarks.worktrees import worktrees_dir
 
 TINY = Path(__file__).resolve().parent / "models" / "tiny-llama"
 
@@ -342,3 +348,100 @@ def test_breakdown_parts_add_up_and_count_passes(capsys, tmp_path):
     assert "| ch03 |" in table and "| ch04 |" in table and "| ch03 / ch04 |" in table
     saved = json.loads((tmp_path / "breakdown.json").read_text())
     assert set(saved["engines"]) == {"ch03", "ch04"} and "| ch03 / ch04 |" in (tmp_path / "breakdown.md").read_text()
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_chapter_at_a_commit_runs_in_its_own_process_beside_todays(tmp_path, capsys):
+    """ch04@HEAD: HEAD's chapter 4 in a worker process on its own worktree, interleaved with today's chapter 4 (A B A B)
+    and measured the same way: the same tokens, forward passes, streamed TTFT/TPOT; ratios to the first engine."""
+    argv = ["--model", str(TINY), "--workload", "mixed-small", "--engines", "ch04,ch04@HEAD", "--repeats", "2"]
+    argv += ["--workload-opt", "output_len=(3,6)", "--workload-opt", "prompt_len=(2,9)", "--warmup", "2"]
+    assert cli.main([*argv, "--threads", "1", "--no-plots", "--no-bandwidth", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    rounds = [line.split(":")[0].strip() for line in err.splitlines() if line.strip().startswith("round ")]
+    assert rounds == ["round 1/2 ch04", "round 1/2 ch04@HEAD", "round 2/2 ch04", "round 2/2 ch04@HEAD"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    info = results["engines"]["ch04@HEAD"]
+    worktree = Path(info["worktree"])
+    assert info["commit"] == _git("rev-parse", "HEAD") and info["process"] == "worker" and info["streams"]
+    assert worktree == worktrees_dir() / info["commit"] and (worktree / "chapters").is_dir()
+    assert Path(info["source"]).is_relative_to(worktree), "the worker imports the commit's chapter, not this tree's"
+    assert results["settings"]["baseline"] == "ch04", "no transformers: ratios to the first engine"
+    today, at_head = results["workloads"]["mixed-small"]["engines"].values()
+    assert at_head["same_tokens_as_baseline"] == 1.0 and at_head["ratio_vs_baseline"] > 0
+    assert at_head["forward_passes"] == today["forward_passes"] and at_head["kv_cache_bytes"] == today["kv_cache_bytes"]
+    assert at_head["ttft_s"] and at_head["tpot_s"] and at_head["run_mem_bytes"] is not None
+    assert info["load_mem_bytes"] > 0
+
+
+def test_chapter_at_a_commit_fails_in_one_line_for_an_unknown_ref_or_chapter(capsys):
+    with pytest.raises(BenchError, match="no-such-ref-x: no such commit"):
+        check_engine("ch04@no-such-ref-x")
+    first = _git("rev-list", "--max-parents=0", "HEAD").split()[0]
+    with pytest.raises(BenchError, match=f"commit {first[:10]} has no chapter ch04 \\(it has: ch01"):
+        check_engine(f"ch04_continuous_batching@{first}")
+    with pytest.raises(BenchError, match="only chapters"):
+        check_engine("transformers@HEAD")
+    assert canonical_name("chapters.ch04_continuous_batching@HEAD~1") == "ch04@HEAD~1"
+    assert cli.main(["--model", str(TINY), "--engines", "ch01,ch09@HEAD", "--no-bandwidth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("has no chapter ch09 (it has: ch01, ch02, ch03, ch04)") or "has no chapter ch09" in err
+    assert len(err.splitlines()) == 1 and err.startswith("python -m benchmarks: error: commit ")
+
+
+def test_a_long_run_tells_how_far_it_has_got():
+    """A run longer than progress_s logs, every progress_s, its time so far and the engine's request counter."""
+
+    class Slow(RecordingEngine):
+        def run(self, requests):
+            time.sleep(0.25)
+            return super().run(requests)
+
+        def progress(self):
+            return "1/8 requests done"
+
+    lines: list[str] = []
+    spec = get_spec("mixed-small")
+    measure([Slow("slow")], lambda v: make_workload(spec, 300, 512, variant=v), 1, 0, log=lines.append, progress_s=0.05)
+    ticks = [line for line in lines if "round 1/1 slow:" in line and "so far" in line]
+    assert ticks and ticks[0].endswith("s so far, 1/8 requests done"), lines
+
+
+@pytest.mark.parametrize("chapter", ["ch01", "ch02", "ch04"])
+def test_chapter_engines_count_finished_requests_during_a_run(chapter):
+    """The request counter the progress lines show, seen from inside the run (at every forward pass)."""
+    import tqdm.auto
+
+    model = resolve_model(str(TINY))
+    engine = create_engine(chapter, model, "cpu", "float32", {"max_num_seqs": 2} if chapter == "ch02" else {})
+    seen = []
+    engine.llm.model.register_forward_pre_hook(lambda m, a: seen.append(engine.done))
+    engine.run([Request([5 + i, 6, 7], i + 1) for i in range(4)])  # 1, 2, 3 and 4 new tokens
+    assert seen[0] == 0 and seen == sorted(seen) and 0 < max(seen) < 4, seen
+    assert engine.progress() == f"4/4 requests done, {len(seen)} forward passes"
+    if chapter == "ch01":  # one request at a time, a pass per token: the counter steps between requests
+        assert seen == [0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+        assert importlib.import_module("chapters.ch01_naive.llm").tqdm is tqdm.auto.tqdm, "the chapter's bar is back"
+
+
+def test_ratios_by_default_and_a_no_ratios_message_that_says_what_to_do():
+    lines: list[str] = []
+    assert choose_baseline(None, ["ch01", "transformers"], lines.append) == "transformers"
+    assert choose_baseline(None, ["ch02", "ch04"], lines.append) == "ch02"
+    assert choose_baseline("none", ["ch02"], lines.append) is None and not lines
+    assert choose_baseline("ch09", ["ch02", "ch04"], lines.append) is None
+    assert "pass --baseline with one of the engines run (ch02, ch04)" in lines[0]
+    results = {"machine": {"device": "cpu", "torch": "2", "threads": 1}, "model": {"name": "m", "params": 1}}
+    results["model"]["dtype"], results["settings"] = "float32", {"repeats": 1, "baseline": None}
+    assert "no ratios (pass --baseline ENGINE" in report.header(results)
+
+
+def test_a_chapter_at_a_commit_takes_the_chapters_options_then_its_own():
+    s = Settings(engines=["ch04", "ch04@HEAD"], engine_options={"ch04": {"a": 1}, "ch04@HEAD": {"a": 2, "b": 3}})
+    assert plan_engines(s) == [("ch04", "ch04", {"a": 1}), ("ch04@HEAD", "ch04@HEAD", {"a": 2, "b": 3})]
+    s = Settings(engines=["ch04@HEAD"], sweeps={"ch04@HEAD": ("a", [1, 2])})
+    assert [display for display, _, _ in plan_engines(s)] == ["ch04@HEAD[a=1]", "ch04@HEAD[a=2]"]
+    assert cli.parse_sweep("ch04@HEAD:a=1,2") == ("ch04@HEAD", "a", [1, 2])
