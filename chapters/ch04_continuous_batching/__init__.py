@@ -14,7 +14,7 @@ class LLM(LLMEngine):
 
     attention_backends = ("torch", "c")  # chapter 5's Triton kernels are not chapter 4's
     # engine options that later chapters add, and the value chapter 4 holds them at (a test checks the list)
-    pinned: dict[str, object] = {}
+    pinned: dict[str, object] = {"enforce_eager": True, "fuse_projections": False}  # chapter 6's
 
     def __init__(self, model: str = "default", *args, **options):
         """LLMEngine's arguments, less those `pinned` holds."""

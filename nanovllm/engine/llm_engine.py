@@ -57,7 +57,14 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        fuse_projections: bool = True,
     ):
+        """enforce_eager runs every step eagerly (no CUDA graphs; on a CPU, no static-buffer decode path);
+        fuse_projections concatenates q/k/v and gate/up weights at load time (chapter 6: fewer, bigger matmuls)."""
+        for name, value in (("enforce_eager", enforce_eager), ("fuse_projections", fuse_projections)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         check_engine_args(
             dtype=dtype,
             device=device,
@@ -72,7 +79,7 @@ class LLMEngine:
             enable_chunked_prefill=enable_chunked_prefill,
             attention_backend=attention_backend,
         )
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, fuse_projections=fuse_projections)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         cfg = self.config
         self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
@@ -93,7 +100,8 @@ class LLMEngine:
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             max_num_batched_tokens = self.max_model_len  # every prompt must fit one step
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends)
+        graphs = None if enforce_eager else (max_num_seqs, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends, graphs)
         self.requests: dict[int, Sequence] = {}
         self.outputs: dict[int, OutputProcessor] = {}
         self.undelivered: list[StepOutput] = []  # other requests' outputs from steps that generate() ran

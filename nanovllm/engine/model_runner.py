@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_cache import KVPool, slot_mapping
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.paged_attention import BACKENDS, PagedAttention, PrefillChunk, StepLayout, make_attention_backend
@@ -22,9 +23,12 @@ class ModelRunner:
         pool: KVPool,
         attention_backend: str = "auto",
         allowed_backends: tuple[str, ...] = tuple(BACKENDS),
+        decode_graphs: tuple[int, int] | None = None,
     ):
+        """decode_graphs = (max_num_seqs, max_model_len) runs decode-only steps through DecodeGraphs (chapter 6)."""
         self.model, self.pool = model, pool
         self.attention: PagedAttention = make_attention_backend(attention_backend, pool, allowed_backends)
+        self.graphs = DecodeGraphs(model, self.attention, *decode_graphs) if decode_graphs else None
 
     def prepare(self, seqs: list[Sequence], num_tokens: list[int]) -> tuple[torch.Tensor, StepLayout, list[int]]:
         """Flatten this step's tokens, decodes first: (input ids (1, N), the layout, each sequence's last row).
@@ -72,6 +76,8 @@ class ModelRunner:
         """
         if copies:
             self.pool.copy_blocks(copies)
+        if self.graphs is not None and self.graphs.can_run(num_tokens):  # every decode samples: no prefill here
+            return self.graphs.run(seqs)[sample_rows]
         ids, layout, last = self.prepare(seqs, num_tokens)
         self.attention.begin_step(layout)
         hidden = self.model(ids, layout.positions[None], self.attention)  # (1, N, E)

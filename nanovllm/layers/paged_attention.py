@@ -48,8 +48,12 @@ class PagedAttention:
         self.pool = pool  # a KVPool: .k and .v of shape (layers, num_blocks, block_size, Hkv, D)
         self.buffers = (GatherBuffer(), GatherBuffer())  # gathered K, V: the same memory for every layer and step
 
+    store_rows: int | None = None  # store only the first rows' K/V (the rest pad a static batch); None: all
+    store_skips_padding = False  # whether the store itself skips slot -1 (what a CUDA graph of a padded step needs)
+
     def begin_step(self, layout: StepLayout) -> None:
         """Build what every layer reads by, once per step."""
+        self.store_rows = None
         self.layout, device, bs = layout, layout.positions.device, self.pool.block_size
         self.num_decodes = len(layout.decode_tables)
         self.prefill_tables = [torch.tensor([c.block_table], device=device) for c in layout.prefills]  # (1, blocks)
@@ -65,6 +69,28 @@ class PagedAttention:
     def begin_decodes(self, tables: list[list[int]], positions: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def begin_static_decode(
+        self,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        real_rows: int | None,
+    ) -> None:
+        """A decode-only step read from static buffers (chapter 6): B rows, one query each, whatever B's real ones.
+
+        slots (B,) with -1 on padding rows, positions (B,), tables (B, width) int32, context_lens (B,) int32. Only
+        tensor operations follow from here, so a CUDA graph can capture the step; `real_rows` (None under a graph)
+        lets a backend whose store cannot skip slot -1 store the real rows alone.
+        """
+        self.layout = StepLayout(slots, positions, [], [])
+        self.num_decodes, self.store_rows = len(slots), real_rows
+        self.prefill_tables, self.prefill_masks = [], []
+        self.begin_static_decodes(tables, context_lens, positions)
+
+    def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
+        raise NotImplementedError
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q (S, Hq, D), one query per decoding sequence -> (S, Hq, D)."""
         raise NotImplementedError
@@ -72,7 +98,8 @@ class PagedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
-        store_kv(k_cache, v_cache, k, v, self.layout.slots)
+        n = self.store_rows
+        store_kv(k_cache, v_cache, k[:n], v[:n], self.layout.slots[:n])  # padding rows' K/V are never stored
         parts = [self.decode(q[: self.num_decodes], k_cache, v_cache)] if self.num_decodes else []
         for chunk, table, mask in zip(self.layout.prefills, self.prefill_tables, self.prefill_masks):
             rows = slice(chunk.first, chunk.first + chunk.num_tokens)
@@ -102,6 +129,11 @@ class TorchPagedAttention(PagedAttention):
                 self.groups.append((first, i, padded, mask))
                 first = i
 
+    def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
+        # one group as wide as the buffers: shapes that do not change from step to step, as a graph needs
+        mask = padded_causal_mask(positions[:, None], tables.shape[1] * self.pool.block_size)  # (B, 1, S)
+        self.groups = [(0, len(positions), tables.long(), mask)]
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         parts = []
         for first, end, tables, mask in self.groups:
@@ -121,6 +153,9 @@ class CDecodeAttention(PagedAttention):
         self.tables = pad_block_tables(tables, positions.device).to(torch.int32)  # (S, width)
         self.context_lens = (positions + 1).to(torch.int32)  # (S,)
 
+    def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
+        self.tables, self.context_lens = tables, context_lens
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         return paged_decode_attention(q.contiguous(), k_cache, v_cache, self.tables, self.context_lens)
 
@@ -138,6 +173,7 @@ class TritonAttention(PagedAttention):
     for checking, so 'auto' picks this backend on a GPU only)."""
 
     name = "triton"
+    store_skips_padding = True
 
     def __init__(self, pool):
         super().__init__(pool)
@@ -153,6 +189,7 @@ class TritonAttention(PagedAttention):
 
     def begin_step(self, layout: StepLayout) -> None:
         self.layout, device = layout, layout.positions.device
+        self.num_splits = None  # the wrapper's choice for these shapes
         self.num_decodes = nd = len(layout.decode_tables)
         if nd:
             self.decode_tables = pad_block_tables(layout.decode_tables, device).to(torch.int32)  # (S, width)
@@ -167,15 +204,25 @@ class TritonAttention(PagedAttention):
             self.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)  # (chunks + 1,)
             self.max_query_len = max(c.num_tokens for c in chunks)  # from the host: the GPU need not be asked
 
+    def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
+        self.decode_tables, self.decode_lens = tables, context_lens
+        # fixed for the step's shapes: the kernel must not look at the lengths, which a graph replay changes
+        kv_heads, longest = self.pool.k.shape[3], tables.shape[1] * self.pool.block_size
+        self.num_splits = self.kernels.choose_num_splits(len(positions), kv_heads, longest, self.num_sms())
+
+    def num_sms(self) -> int:
+        k = self.pool.k
+        return torch.cuda.get_device_properties(k.device).multi_processor_count if k.device.type == "cuda" else 1
+
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
-        self.kernels.store_kv(k_cache, v_cache, k, v, self.layout.slots)
+        self.kernels.store_kv(k_cache, v_cache, k, v, self.layout.slots)  # slot -1 (padding) is skipped
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
             self.kernels.paged_decode_attention(
-                q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, out=out[:nd]
+                q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, num_splits=self.num_splits, out=out[:nd]
             )
         if self.layout.prefills:  # keys come from the pool (stored above), so a first chunk needs no special case
             self.kernels.varlen_prefill_attention(

@@ -13,6 +13,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.errors import ModelFormatError
 from nanovllm.layers.rotary import rope_inv_freq
 from nanovllm.models import DecoderForCausalLM
+from nanovllm.models.fused import fuse_projections_
 from nanovllm.utils.llama2c import read_llama2c
 from nanovllm.utils.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer
 
@@ -124,8 +125,13 @@ def find_llama2c(path: Path) -> tuple[Path, Path] | None:
     return ckpt, toks[0]
 
 
-def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
-    """Load a model by short name ('default'), Hugging Face folder, or llama2.c checkpoint."""
+def load_model(
+    model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu", fuse_projections: bool = False
+) -> LoadedModel:
+    """Load a model by short name ('default'), Hugging Face folder, or llama2.c checkpoint.
+
+    fuse_projections (chapter 6) concatenates each layer's q/k/v weights, and its gate/up weights, once loaded.
+    """
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path or a short name such as 'default', got {model!r}")
     path = SHORT_NAMES.get(str(model), Path(model))
@@ -155,6 +161,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         net.lm_head.weight = net.model.embed_tokens.weight
     load_state_dict_into(net, tensors, source)
+    if fuse_projections:
+        fuse_projections_(net)
     net = net.to(torch_dtype).eval()
     # RoPE's frequencies stay float32 whatever the weights' dtype, as in transformers: rounded to bf16, each
     # angle position * inv_freq would drift further from the true one at every position
