@@ -19,8 +19,10 @@ pytestmark = pytest.mark.ch06
 
 
 def engine(family="tiny-llama", blocks=None, block_size=4, **options):
+    """Chapter 6's engine with decodes from the static buffers (on a CPU the default runs them plainly eagerly)."""
     from chapters.ch06_cuda_graphs import LLM
 
+    options.setdefault("enforce_eager", False)
     if blocks is not None:
         cfg = ModelConfig.from_folder(TINY_MODELS / family)
         options["kv_cache_memory"] = blocks * KVPool.bytes_per_block(
@@ -156,6 +158,7 @@ def test_enforce_eager_turns_the_static_path_off_and_chapter5_pins_it():
     from chapters.ch05_triton_attention import LLM as Chapter5
 
     assert engine(enforce_eager=True).runner.graphs is None
+    assert engine(enforce_eager=None).runner.graphs is None  # the CPU default: replaying buys nothing there
     chapter5 = Chapter5(str(TINY_MODELS / "tiny-llama"))
     assert chapter5.runner.graphs is None and hasattr(chapter5.model.model.layers[0].self_attn, "q_proj")
     assert hasattr(engine().model.model.layers[0].self_attn, "qkv_proj")

@@ -57,14 +57,17 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         attention_backend: str = "auto",
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         fuse_projections: bool = True,
     ):
-        """enforce_eager runs every step eagerly (no CUDA graphs; on a CPU, no static-buffer decode path);
-        fuse_projections concatenates q/k/v and gate/up weights at load time (chapter 6: fewer, bigger matmuls)."""
-        for name, value in (("enforce_eager", enforce_eager), ("fuse_projections", fuse_projections)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
+        """Chapter 6's options. enforce_eager=False runs decode-only steps from static buffers padded to a bucket:
+        CUDA graphs on a GPU, an eager replay on a CPU (what the tests check; on a CPU it buys nothing, so None,
+        the default, means graphs on a GPU and plain eager steps on a CPU); True runs every step eagerly.
+        fuse_projections concatenates q/k/v and gate/up weights at load time (fewer, bigger matmuls)."""
+        if enforce_eager is not None and not isinstance(enforce_eager, bool):
+            raise TypeError(f"enforce_eager must be True, False or None, got {enforce_eager!r}")
+        if not isinstance(fuse_projections, bool):
+            raise TypeError(f"fuse_projections must be True or False, got {fuse_projections!r}")
         check_engine_args(
             dtype=dtype,
             device=device,
@@ -100,6 +103,8 @@ class LLMEngine:
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             max_num_batched_tokens = self.max_model_len  # every prompt must fit one step
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        if enforce_eager is None:
+            enforce_eager = torch.device(device).type != "cuda"
         graphs = None if enforce_eager else (max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends, graphs)
         self.requests: dict[int, Sequence] = {}
