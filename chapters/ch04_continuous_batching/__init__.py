@@ -5,6 +5,8 @@ to the engine; this class keeps each of them at chapter 4's setting, so chapter 
 
 from __future__ import annotations
 
+import inspect
+
 from nanovllm.engine.llm_engine import LLMEngine, StepOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -14,13 +16,31 @@ class LLM(LLMEngine):
 
     attention_backends = ("torch", "c")  # chapter 5's Triton kernels are not chapter 4's
     # engine options that later chapters add, and the value chapter 4 holds them at (a test checks the list)
-    pinned: dict[str, object] = {"enforce_eager": True, "fuse_projections": False}  # chapter 6's
+    pinned: dict[str, object] = {
+        "enforce_eager": True,  # chapter 6's
+        "fuse_projections": False,
+        "quantization": None,  # chapter 7's
+        "quantize_lm_head": True,
+    }
 
     def __init__(self, model: str = "default", *args, **options):
         """LLMEngine's arguments, less those `pinned` holds."""
         if clash := sorted(set(options) & set(self.pinned)):
             raise TypeError(f"{type(self).__module__} does not have {clash}: they arrive in later chapters")
         super().__init__(model, *args, **options, **self.pinned)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = pinned_signature(cls)
+
+
+def pinned_signature(cls: type[LLMEngine]) -> inspect.Signature:
+    """What help() and inspect show for a chapter's LLM: the engine's parameters, less the ones it pins."""
+    engine = inspect.signature(LLMEngine)
+    return engine.replace(parameters=[p for name, p in engine.parameters.items() if name not in cls.pinned])
+
+
+LLM.__signature__ = pinned_signature(LLM)
 
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "StepOutput"]
