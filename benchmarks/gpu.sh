@@ -20,6 +20,7 @@ export NANOVLLM_BENCH_CACHE=${NANOVLLM_BENCH_CACHE:-bench_out/models}
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script needs one')"
 "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
+"$PY" -m benchmarks.gpu_kernels --out "$OUT/kernels" || echo "benchmarks.gpu_kernels did not finish; going on"  # ch05: one table
 start=$SECONDS
 
 "$PY" -m benchmarks --device cuda --model "$MODEL" --workload decode-1,mixed --engines all \

@@ -59,4 +59,32 @@ TASKS: dict[str, list[Task]] = {
         Task("ch04", 4, "apply_top_p", "nanovllm.layers.sampler", "nucleus (top-p) filtering"),
         Task("ch04", 5, "apply_min_p", "nanovllm.layers.sampler", "drop tokens below min_p x the top one"),
     ],
+    "ch05": [
+        Task(
+            "ch05",
+            1,
+            "online_softmax_update",
+            "nanovllm.kernels.triton.decode_attention",
+            "fold one tile into the running max, sum and output",
+        ),
+        Task(
+            "ch05",
+            2,
+            "attend_blocks",
+            "nanovllm.kernels.triton.decode_attention",
+            "the decode loop over a context's tiles, read through the block table",
+        ),
+        Task(
+            "ch05",
+            3,
+            "combine_splits",
+            "nanovllm.kernels.triton.decode_attention",
+            "merge split-K's partial softmaxes",
+        ),
+    ],
+    "ch06": [
+        Task("ch06", 1, "bucket_for", "nanovllm.engine.cuda_graphs", "the smallest captured batch size that fits"),
+        Task("ch06", 2, "fill_decode_buffers", "nanovllm.engine.cuda_graphs", "a decode step into static buffers"),
+        Task("ch06", 3, "split_qkv", "nanovllm.models.fused", "cut the fused projection into q, k and v"),
+    ],
 }

@@ -63,20 +63,26 @@ class Source:
         return self.code
 
 
+def unjit(obj):
+    """The Python function inside a @triton.jit function (an object of Triton's that keeps it as .fn)."""
+    return obj.fn if type(obj).__module__.startswith("triton.") else obj
+
+
 def where(obj) -> str:
     """'path/to/file.py' of a function, class or module, relative to the repository."""
-    return Path(inspect.getsourcefile(inspect.unwrap(obj))).resolve().relative_to(ROOT).as_posix()
+    return Path(inspect.getsourcefile(inspect.unwrap(unjit(obj)))).resolve().relative_to(ROOT).as_posix()
 
 
 def show(obj, folded: bool = False, title: str | None = None) -> Source:
     """The real source of a function, class or method, as it is in the repository right now."""
+    obj = unjit(obj)
     code = textwrap.dedent(inspect.getsource(obj))
     return Source(code, title if title is not None else f"{obj.__qualname__} — {where(obj)}", folded)
 
 
 def _split(obj) -> tuple[list[str], list[str], list[str]]:
     """A function's source as (decorators + signature, docstring, body after the docstring)."""
-    source = textwrap.dedent(inspect.getsource(obj))
+    source = textwrap.dedent(inspect.getsource(unjit(obj)))
     doc = ast.parse(source).body[0].body[0]
     lines = source.splitlines()
     return lines[: doc.lineno - 1], lines[doc.lineno - 1 : doc.end_lineno], lines[doc.end_lineno :]

@@ -5,10 +5,18 @@ Check your work with: pytest --impl=exercises -m ch01 -k "task5|task6"
 """
 
 from __future__ import annotations
+import dataclasses
 from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
-from nanovllm.engine.io import Prompt, finish_reason, make_output, prepare_inputs, request_generator
+from nanovllm.engine.io import (
+    Prompt,
+    check_engine_args,
+    finish_reason,
+    make_output,
+    prepare_inputs,
+    request_generator,
+)
 from nanovllm.layers.attention import causal_attention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams

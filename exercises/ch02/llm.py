@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from chapters.ch01_naive.llm import LLM as Chapter1LLM
 from chapters.ch01_naive.llm import sample_token
 from chapters.ch02_kv_cache.kv_cache import ContiguousKVCache
-from nanovllm.engine.io import Prompt, finish_reason, make_output
+from nanovllm.engine.io import Prompt, check_engine_args, finish_reason, make_output
 from nanovllm.engine.kv_cache import KVPool
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams

@@ -14,6 +14,105 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): scores are scaled into
 
 
 @triton.jit
+def online_softmax_update(m, l, acc, scores, v):
+    """Fold one tile of scores and values into a running softmax: FlashAttention's update, for M rows at once.
+
+    The softmax of a row's scores is never formed whole. A row keeps its largest score so far, m, the sum
+    l = sum_j exp2(score_j - m) and acc = sum_j exp2(score_j - m) * v_j over the positions seen so far; the output is
+    acc / l once every tile is in. A tile whose largest score beats m rescales what was summed before.
+
+    Args:
+        m: (M,) float32, each row's running max (-inf before its first tile).
+        l: (M,) float32, each row's running sum of exp2(score - m) (0 before its first tile).
+        acc: (M, BLOCK_D) float32, each row's running sum of exp2(score - m) * v (0 before its first tile).
+        scores: (M, N) float32, this tile's scores in base 2 (q . k x scale x log2(e)), -inf where a position is
+            masked. A row's first tile has at least one finite score.
+        v: (N, BLOCK_D), this tile's values (float32, or the pool's fp16/bf16 for the tensor cores).
+    Returns:
+        (m, l, acc) after the tile, float32, the same shapes.
+    """
+    m_new = tl.maximum(m, tl.max(scores, 1))  # (M,) finite from a row's first tile on
+    alpha = tl.exp2(m - m_new)  # (M,) what the old max's terms are worth now: 0 on the first tile, where m = -inf
+    p = tl.exp2(scores - m_new[:, None])  # (M, N) 0 where masked
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l, acc
+
+
+@triton.jit
+def attend_blocks(
+    q, k_ptr, v_ptr, table_ptr, kvh, start, end, scale_log2,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """The decode kernel's loop: one query tile against positions start .. end - 1 of a sequence, read in place.
+
+    Walks the range BLOCK_N positions at a time. Position p's K and V are at offset p % BLOCK_SIZE of physical block
+    table_ptr[p // BLOCK_SIZE], KV head kvh: the pool is (num_blocks, BLOCK_SIZE, HKV, D) contiguous, so that
+    token's head starts at element (block * BLOCK_SIZE + p % BLOCK_SIZE) * HKV * D + kvh * D (in int64: a pool of a
+    few GB passes 2**31 elements). Nothing at or past `end` is read, neither table entries nor slots.
+    Each tile's scores q . k^T x scale_log2 go through online_softmax_update.
+
+    Args:
+        q: (BLOCK_G, BLOCK_D) the query rows (the query heads that share KV head kvh; padding rows and columns 0),
+            float32 when DOT_F32, else the pool's dtype.
+        k_ptr, v_ptr: the layer's K and V pool.
+        table_ptr: the sequence's row of the block table (int32 block ids).
+        kvh: the KV head.
+        start, end: the positions to attend to; start is a multiple of BLOCK_N; start >= end is an empty range.
+        scale_log2: the score scale x log2(e), so that scores are in base 2 for exp2.
+        HKV, D, BLOCK_SIZE: KV heads, head size and tokens per block of the pool.
+        BLOCK_G, BLOCK_D, BLOCK_N: the tile: query rows, head size padded to a power of 2, positions per step.
+        DOT_F32: cast K and V to float32 before tl.dot.
+    Returns:
+        (m, l, acc) of online_softmax_update after the last tile: (BLOCK_G,), (BLOCK_G,), (BLOCK_G, BLOCK_D) float32,
+        unnormalized; (-inf, 0, 0) for an empty range.
+    """
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of each row's scores (base 2)
+    l = tl.full([BLOCK_G], 0.0, tl.float32)  # running sum of exp2(score - m)
+    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)  # running sum of exp2(score - m) * v
+    # (tl.zeros is a jitted helper, which the interpreter re-patches on every call: tl.full is not)
+    for t0 in range(start, end, BLOCK_N):
+        pos = t0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions of this tile
+        ok = pos < end  # nothing past the range is read: neither its table entries nor its slots
+        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=ok, other=0)
+        # element offset of each token's KV head; int64, as block * block stride passes 2**31 in a pool of a few GB
+        row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * (HKV * D) + kvh * D
+        kv_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # (BLOCK_G, BLOCK_N)
+        # every tile has at least one valid position, so each row's max is finite from the first tile on
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        m, l, acc = online_softmax_update(m, l, acc, scores, v)
+    return m, l, acc
+
+
+@triton.jit
+def combine_splits(m, l, acc):
+    """Split-K's reduce: merge the partial softmaxes of one (sequence, query head)'s splits into its output.
+
+    Split j attended to its own share of the context and left m_j (its max score, base 2), l_j (its sum of
+    exp2(score - m_j)) and acc_j (its sum of exp2(score - m_j) * v). Rescaled to the common max M = max_j m_j, they
+    add up to the softmax over the whole context: out = sum_j exp2(m_j - M) acc_j / sum_j exp2(m_j - M) l_j.
+
+    Args:
+        m: (BLOCK_SPLITS,) float32 each split's max; -inf for an empty split (a short context) or a padding entry.
+        l: (BLOCK_SPLITS,) float32 each split's sum; 0 for an empty split or padding.
+        acc: (BLOCK_SPLITS, BLOCK_D) float32 each split's weighted sum of values; 0 for an empty split or padding.
+            Split 0 always holds a token (a context has at least one), so M is finite.
+    Returns:
+        (BLOCK_D,) float32, the attention output of this (sequence, query head).
+    """
+    w = tl.exp2(m - tl.max(m, 0))  # (BLOCK_SPLITS,) an empty split's weight is exp2(-inf) = 0
+    return tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     scale_log2, max_blocks,
@@ -38,30 +137,10 @@ def _decode_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, length)
 
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of each row's scores (base 2)
-    l = tl.full([BLOCK_G], 0.0, tl.float32)  # running sum of exp2(score - m)
-    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)  # running sum of exp2(score - m) * v
-    for t0 in range(start, end, BLOCK_N):
-        pos = t0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) positions of this tile
-        ok = pos < end  # nothing past the sequence is read: neither its table entries nor its slots
-        block = tl.load(tables_ptr + s * max_blocks + pos // BLOCK_SIZE, mask=ok, other=0)
-        # element offset of each token's KV head; int64, as block * block stride passes 2**31 in a pool of a few GB
-        row = (block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE) * (HKV * D) + kvh * D
-        kv_ok = ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=kv_ok, other=0.0)
-        if DOT_F32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # (BLOCK_G, BLOCK_N)
-        scores = tl.where(ok[None, :], scores, float("-inf"))
-        # online softmax: a tile with a bigger max shrinks what was summed so far by exp2(old max - new max).
-        # Every tile has at least one valid position, so m_new is finite from the first tile on.
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp2(m - m_new)  # (BLOCK_G,) 0 on the first tile, where m = -inf
-        p = tl.exp2(scores - m_new[:, None])  # (BLOCK_G, BLOCK_N) 0 where masked
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m = m_new
+    m, l, acc = attend_blocks(
+        q, k_ptr, v_ptr, tables_ptr + s * max_blocks, kvh, start, end, scale_log2,
+        HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_F32,
+    )  # fmt: skip
 
     out_ok = g_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
@@ -87,9 +166,7 @@ def _reduce_kernel(
     l = tl.load(part_l_ptr + r * NUM_SPLITS + sp, mask=sp_ok, other=0.0)
     acc_ok = sp_ok[:, None] & (d < D)[None, :]
     acc = tl.load(part_acc_ptr + (r * NUM_SPLITS + sp)[:, None] * D + d[None, :], mask=acc_ok, other=0.0)
-    # split 0 always holds a token (context length >= 1), so m_max is finite; empty splits get weight exp2(-inf) = 0
-    w = tl.exp2(m - tl.max(m, 0))  # (BLOCK_SPLITS,)
-    out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)  # (BLOCK_D,)
+    out = combine_splits(m, l, acc)  # (BLOCK_D,)
     tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.triton import _common as c
-from nanovllm.kernels.triton.decode_attention import LOG2E
+from nanovllm.kernels.triton.decode_attention import LOG2E, online_softmax_update
 
 
 @triton.jit
@@ -61,12 +61,7 @@ def _prefill_kernel(
         # key 0 is in the first tile and every row sees it, so each row's max is finite from the first tile on
         # and a later tile the causal mask hides from a row entirely leaves that row's m unchanged
         scores = tl.where(pos[None, :] <= q_pos[:, None], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m = m_new
+        m, l, acc = online_softmax_update(m, l, acc, scores, v)
 
     out_ok = row_ok[:, None] & d_ok[None, :]
     tl.store(out_ptr + heads[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), out_ok)
