@@ -14,6 +14,7 @@ class LLM(Chapter5LLM):
     """The engine as chapter 6 leaves it: chapter 5's, with CUDA graphs (or their replay) and fused projections."""
 
     pinned = {k: v for k, v in Chapter5LLM.pinned.items() if k not in ("enforce_eager", "fuse_projections")}
+    # chapter 7's options stay pinned: quantization None (full precision)
 
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "StepOutput"]

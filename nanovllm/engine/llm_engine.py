@@ -19,9 +19,10 @@ from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.paged_attention import BACKENDS
+from nanovllm.layers.quantization import weight_bytes
 from nanovllm.layers.sampler import SamplingBatch, sample
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import load_model
+from nanovllm.utils.loader import load_model, parse_quantization
 
 
 @dataclass
@@ -59,15 +60,22 @@ class LLMEngine:
         attention_backend: str = "auto",
         enforce_eager: bool | None = None,
         fuse_projections: bool = True,
+        quantization: str | None = None,
+        quantize_lm_head: bool = True,
     ):
         """Chapter 6's options. enforce_eager=False runs decode-only steps from static buffers padded to a bucket:
         CUDA graphs on a GPU, an eager replay on a CPU (what the tests check; on a CPU it buys nothing, so None,
         the default, means graphs on a GPU and plain eager steps on a CPU); True runs every step eagerly.
-        fuse_projections concatenates q/k/v and gate/up weights at load time (fewer, bigger matmuls)."""
+        fuse_projections concatenates q/k/v and gate/up weights at load time (fewer, bigger matmuls).
+
+        Chapter 7's: quantization None (full precision), 'int8' (per output channel) or 'int4' (groups of 32 inputs;
+        'int4-g64', 'int4-g128' for bigger groups), applied at load time to every linear layer of the decoder, and to
+        the output layer unless quantize_lm_head=False. Embeddings and norms stay in full precision."""
         if enforce_eager is not None and not isinstance(enforce_eager, bool):
             raise TypeError(f"enforce_eager must be True, False or None, got {enforce_eager!r}")
-        if not isinstance(fuse_projections, bool):
-            raise TypeError(f"fuse_projections must be True or False, got {fuse_projections!r}")
+        for name, value in (("fuse_projections", fuse_projections), ("quantize_lm_head", quantize_lm_head)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         check_engine_args(
             dtype=dtype,
             device=device,
@@ -82,7 +90,16 @@ class LLMEngine:
             enable_chunked_prefill=enable_chunked_prefill,
             attention_backend=attention_backend,
         )
-        loaded = load_model(model, dtype=dtype, device=device, fuse_projections=fuse_projections)
+        parse_quantization(quantization)  # before any weight is read
+        loaded = load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            fuse_projections=fuse_projections,
+            quantization=quantization,
+            quantize_lm_head=quantize_lm_head,
+        )
+        self.quantization = quantization
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         cfg = self.config
         self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
@@ -91,7 +108,7 @@ class LLMEngine:
         # on CPU, by default, room for 16 sequences of the full context
         self.pool = pool_for_model(
             cfg,
-            self.model.lm_head.weight.dtype,
+            self.model.model.embed_tokens.weight.dtype,  # the activations' dtype (a quantized lm_head has none)
             device,
             block_size,
             kv_cache_memory,
@@ -117,6 +134,11 @@ class LLMEngine:
     @property
     def kv_cache_bytes(self) -> int:
         return self.pool.nbytes
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights as stored (quantized ones at their quantized size)."""
+        return weight_bytes(self.model)
 
     # ---- the request-level API ---------------------------------------------------------------------------
 

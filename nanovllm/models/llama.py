@@ -108,7 +108,8 @@ class DecoderForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.transpose_weight_()
-        if self.config.tie_word_embeddings:  # the embedding reads the same memory as a (vocab, hidden) view
+        # the embedding reads the same memory as a (vocab, hidden) view (a quantized lm_head keeps its own)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
             del self.model.embed_tokens.weight  # a plain tensor from now on: one parameter, counted once
             self.model.embed_tokens.weight = self.lm_head.weight.t()
 

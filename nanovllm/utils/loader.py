@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from nanovllm.config import ModelConfig
 from nanovllm.errors import ModelFormatError
+from nanovllm.layers.quantization import INT4_GROUP_SIZES, quantize_model_
 from nanovllm.layers.rotary import rope_inv_freq
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.models.fused import fuse_projections_
@@ -125,13 +126,34 @@ def find_llama2c(path: Path) -> tuple[Path, Path] | None:
     return ckpt, toks[0]
 
 
+QUANTIZATIONS = ("int8", "int4", *(f"int4-g{g}" for g in INT4_GROUP_SIZES))
+
+
+def parse_quantization(quantization: str | None) -> tuple[str | None, int]:
+    """'int8' -> ('int8', 32); 'int4' -> ('int4', 32); 'int4-g128' -> ('int4', 128); None -> (None, 32)."""
+    if quantization is None:
+        return None, 32
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {quantization!r}")
+    scheme, _, group = quantization.partition("-g")
+    return scheme, int(group or 32)
+
+
 def load_model(
-    model: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu", fuse_projections: bool = False
+    model: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    fuse_projections: bool = False,
+    quantization: str | None = None,
+    quantize_lm_head: bool = True,
 ) -> LoadedModel:
     """Load a model by short name ('default'), Hugging Face folder, or llama2.c checkpoint.
 
     fuse_projections (chapter 6) concatenates each layer's q/k/v weights, and its gate/up weights, once loaded.
+    quantization (chapter 7): 'int8' (per output channel), 'int4' (groups of 32 inputs), 'int4-g64', 'int4-g128'
+    replaces the decoder's linear layers (and the output layer, if quantize_lm_head) by quantized ones.
     """
+    scheme, group_size = parse_quantization(quantization)
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path or a short name such as 'default', got {model!r}")
     path = SHORT_NAMES.get(str(model), Path(model))
@@ -167,5 +189,7 @@ def load_model(
     # RoPE's frequencies stay float32 whatever the weights' dtype, as in transformers: rounded to bf16, each
     # angle position * inv_freq would drift further from the true one at every position
     net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    if scheme is not None:
+        quantize_model_(net, scheme, group_size, lm_head=quantize_lm_head)
     net.transpose_weights_()
     return LoadedModel(net, cfg, tokenizer, path)

@@ -1,0 +1,160 @@
+"""Weight-only quantization (chapter 7): INT8 per output channel, INT4 per group of inputs, and the QuantLinear
+that multiplies by them. A decode step reads every weight once, so fewer bytes a weight is a faster step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanovllm.layers.linear import Linear
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 quantization with one scale per output channel (row of W).
+
+    Each row's scale maps its largest magnitude to 127: scale[o] = max_i |w[o, i]| / 127, and
+    q[o, i] = round(w[o, i] / scale[o]), in [-127, 127]. Dequantized, w ≈ scale[o] * q[o, i], with an error of
+    at most scale[o] / 2 per weight. A row of zeros gets scale 1 (any scale represents it exactly).
+
+    Args:
+        w: (out, in) float weight, in the (out, in) layout of nn.Linear.
+    Returns:
+        qweight (out, in) int8, scale (out,) float32.
+    """
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127  # (out,)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(out, in) float32 weights back from INT8 and their per-row scales."""
+    return qweight.float() * scale[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 quantization per group of `group_size` inputs, two values packed into each byte.
+
+    Each row is cut into groups of group_size consecutive inputs, each with its own scale, so that one large
+    weight costs precision only to its group: scale[o, g] = max |w| of the group / 7, and
+    q = round(w / scale), clamped to [-8, 7]. Stored as the nibble n = q + 8 (0..15); the byte j of row o
+    holds input 2j in its low nibble and input 2j + 1 in its high nibble: byte = n[2j] | n[2j + 1] << 4.
+    Dequantized, w ≈ scale[o, i // group_size] * (n - 8).
+
+    Args:
+        w: (out, in) float weight; in is a multiple of group_size.
+        group_size: inputs per scale (32, 64 or 128).
+    Returns:
+        qweight (out, in // 2) uint8, scales (out, in // group_size) float32.
+    """
+    out_features, in_features = w.shape
+    groups = w.float().view(out_features, in_features // group_size, group_size)  # (out, G, group)
+    scales = groups.abs().amax(dim=2) / 7  # (out, G)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    q = torch.round(groups / scales[..., None]).clamp(-8, 7).to(torch.int16) + 8  # nibbles 0..15
+    q = q.view(out_features, in_features // 2, 2)  # (out, in / 2, 2): the two inputs of each byte
+    packed = (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8)
+    return packed.contiguous(), scales.contiguous()
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) float32 weights back from packed INT4 nibbles and their per-group scales."""
+    low = (qweight & 0xF).to(torch.int16) - 8
+    high = (qweight >> 4).to(torch.int16) - 8
+    q = torch.stack((low, high), dim=-1).flatten(1)  # (out, in): inputs 2j, 2j + 1 side by side again
+    return (q.float().view(q.shape[0], -1, group_size) * scales[..., None]).flatten(1)
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is stored quantized (INT8 per channel or INT4 per group); the bias stays float.
+
+    On the CPU, a few rows at a time (decode steps) go to a C kernel that reads the quantized bytes and does
+    integer dot products; many rows (prefill chunks, big batches), where the matmul is compute-bound rather than
+    bound by reading weights, or a machine without the kernel, dequantize the weight and use a float matmul.
+    """
+
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32):
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"quantization must be one of {SCHEMES}, got {scheme!r}")
+        if scheme == "int4" and group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"INT4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+        w = linear.weight.detach()
+        w = w.t() if getattr(linear, "weight_is_transposed", False) else w  # (out, in)
+        self.out_features, self.in_features = w.shape
+        self.scheme, self.group_size = scheme, group_size
+        if scheme == "int4" and self.in_features % group_size:
+            raise ValueError(
+                f"INT4 with groups of {group_size} needs in_features ({self.in_features}) to be a multiple of "
+                f"{group_size}: choose a smaller group (int4-g32 is the smallest)"
+            )
+        q, s = quantize_int8(w) if scheme == "int8" else quantize_int4(w, group_size)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", s)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (quantized values and scales)."""
+        return self.qweight.nbytes + self.scales.nbytes
+
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) float32 weight the quantized one stands for."""
+        if self.scheme == "int8":
+            return dequantize_int8(self.qweight, self.scales)
+        return dequantize_int4(self.qweight, self.scales, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T + b with the quantized W: (..., in) -> (..., out), in x's dtype.
+
+        Rows go to the C kernel (integer dot products over the quantized bytes) when x is on the CPU, the kernel
+        is available and there are at most QUANT_KERNEL_MAX_ROWS of them; otherwise W is dequantized to float32
+        and multiplied as a float matrix (the same weights, without the activation rounding the kernel does).
+        """
+        rows = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
+        kernels = cpu_kernels() if x.device.type == "cpu" else None
+        if kernels is not None and rows.shape[0] <= kernels.QUANT_KERNEL_MAX_ROWS:
+            if self.scheme == "int8":
+                y = kernels.int8_linear(rows, self.qweight, self.scales, self.bias)
+            else:
+                y = kernels.int4_linear(rows, self.qweight, self.scales, self.group_size, self.bias)
+        else:
+            y = rows @ self.dequantized().T
+            if self.bias is not None:
+                y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., out)
+
+
+def cpu_kernels():
+    """nanovllm.kernels.cpu when its quantized kernels can run here (built with the machine's compiler), else None."""
+    from nanovllm.kernels import cpu
+
+    unavailable = getattr(cpu, "quantized_kernels_unavailable", None)
+    return cpu if unavailable is not None and unavailable() is None else None
+
+
+def quantize_model_(model: nn.Module, scheme: str, group_size: int = 32, lm_head: bool = True) -> nn.Module:
+    """Replace every Linear of the decoder's layers (and the output layer, if lm_head) by a QuantLinear, in place.
+    Embeddings and norms stay in full precision."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    for name, module in targets:
+        if name == "lm_head" and not lm_head:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QuantLinear(module, scheme, group_size))
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds (quantized ones at their stored size), each tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.nbytes
+    return total
