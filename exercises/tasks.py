@@ -87,4 +87,9 @@ TASKS: dict[str, list[Task]] = {
         Task("ch06", 2, "fill_decode_buffers", "nanovllm.engine.cuda_graphs", "a decode step into static buffers"),
         Task("ch06", 3, "split_qkv", "nanovllm.models.fused", "cut the fused projection into q, k and v"),
     ],
+    "ch07": [
+        Task("ch07", 1, "quantize_int8", "nanovllm.layers.quantization", "INT8 with one scale per output channel"),
+        Task("ch07", 2, "quantize_int4", "nanovllm.layers.quantization", "INT4 per group, two values a byte"),
+        Task("ch07", 3, "QuantLinear.forward", "nanovllm.layers.quantization", "a quantized linear layer's forward"),
+    ],
 }

@@ -1,0 +1,1 @@
+"""Your exercise files for ch07."""
