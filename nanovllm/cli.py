@@ -1,4 +1,4 @@
-"""The command line: `nanovllm generate PROMPT...` runs the engine on the default model (or any --model)."""
+"""The command line: `nanovllm generate PROMPT...`, `serve [MODEL]`, `chat [MODEL]` and `bench`."""
 
 from __future__ import annotations
 
@@ -27,9 +27,63 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra: fastapi, uvicorn)")
+    srv.add_argument("model", nargs="?", default="default", help="'default', a Hugging Face folder or a llama2.c .bin")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the folder's)")
+    engine_options(srv)
+    chat = sub.add_parser("chat", help="chat in the terminal with a model, or with a running server (--url)")
+    chat.add_argument("model", nargs="?", default="default")
+    chat.add_argument("--url", default=None, help="a running nanovllm serve (e.g. http://127.0.0.1:8000)")
+    chat.add_argument("--api-key", default=None)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    chat.add_argument("--seed", type=int, default=None)
+    engine_options(chat)
     # parsed by the benchmark itself (main hands it everything after `bench`): listed here for --help
     sub.add_parser("bench", add_help=False, help="benchmark engines on a workload (python -m benchmarks; in a clone)")
     return parser
+
+
+def engine_options(parser: argparse.ArgumentParser) -> None:
+    """The engine's options a server or a chat takes."""
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    parser.add_argument("--quantization", default=None, help="int8, int4, int4-g64 or int4-g128")
+
+
+def load_engine(args: argparse.Namespace):
+    from nanovllm import LLM
+
+    return LLM(
+        args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
+    )  # fmt: skip
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from nanovllm.server import serve as run_server
+    except ImportError as e:
+        raise ValueError(f"`nanovllm serve` needs fastapi and uvicorn: pip install 'nanovllm[serve]' ({e})") from None
+    from pathlib import Path
+
+    import uvicorn  # noqa: F401 (checked before the model loads)
+
+    name = args.served_model_name or ("default" if args.model == "default" else Path(args.model).name)
+    run_server(load_engine(args), name, args.host, args.port, args.api_key)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from nanovllm.chat import run_chat
+
+    return run_chat(args, sys.stdin, sys.stdout)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -96,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return generate(args)
+        return {"generate": generate, "serve": serve, "chat": chat}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: one clear line, no traceback
         message = " ".join(str(e).splitlines())  # one line, whatever the message
         print(f"nanovllm: error: {message}", file=sys.stderr)

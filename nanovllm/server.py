@@ -1,0 +1,287 @@
+"""The OpenAI-compatible server (`nanovllm serve`): one engine, stepped by one background thread; every HTTP request
+joins the running batch through add_request and leaves through release, so clients share steps (continuous
+batching across clients, not one request at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request  # the serve extra; FastAPI reads the handlers' annotations from this module
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from nanovllm.engine.llm_engine import LLMEngine, StepOutput
+from nanovllm.errors import PromptTooLongError
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.server_api import (
+    APIError,
+    chat_prompt,
+    check_model,
+    completion_prompts,
+    finish_reason,
+    sampling_params,
+)
+from nanovllm.server_metrics import Metrics
+
+log = logging.getLogger("nanovllm.server")
+
+
+class EngineLoop:
+    """Steps the engine in a background thread whenever requests are pending, and hands each request's step outputs
+    to the asyncio queue of the HTTP handler that waits for them."""
+
+    MAX_FAILED_STEPS = 3  # a step that keeps raising: its requests end with an error instead of looping forever
+
+    def __init__(self, llm: LLMEngine):
+        self.llm, self.metrics = llm, Metrics()
+        self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.wake, self.stopping = threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: str | list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
+        """Queue a request (validated: a bad one raises here); its outputs arrive on the returned queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self.llm.lock:  # registered before the stepping thread can produce its first output
+            rid = self.llm.add_request(prompt, params)
+            self.queues[rid] = (asyncio.get_running_loop(), queue)
+        self.metrics.started(rid)
+        self.wake.set()
+        return rid, queue
+
+    def release(self, rid: int) -> None:
+        """Forget a request: aborted at once if it still runs (a client that went away), its blocks back in the pool."""
+        with self.llm.lock:
+            self.queues.pop(rid, None)
+            self.llm.release(rid)
+        self.metrics.ended(rid)
+
+    def _deliver(self, out: StepOutput) -> None:
+        self.metrics.token(out)
+        entry = self.queues.get(out.request_id)
+        if entry is not None:
+            loop, queue = entry
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.stopping:
+            if not self.llm.has_unfinished():
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                outputs = self.llm.step()
+                failures = 0
+            except Exception as e:  # the engine is left consistent: the step's requests are simply run again
+                failures += 1
+                log.exception("engine step failed (%d in a row)", failures)
+                if failures >= self.MAX_FAILED_STEPS:
+                    self._fail_running(f"the engine failed {failures} steps in a row: {type(e).__name__}: {e}")
+                continue
+            for out in outputs:
+                self._deliver(out)
+
+    def _fail_running(self, why: str) -> None:
+        with self.llm.lock:
+            for rid in [s.request_id for s in (*self.llm.scheduler.running, *self.llm.scheduler.waiting)]:
+                self.llm.abort(rid)
+                self.llm.requests[rid].error = why
+                self._deliver(StepOutput(rid, [], True, "error"))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=5)
+
+
+async def outputs_of(loop: EngineLoop, rid: int, queue: asyncio.Queue) -> AsyncIterator[StepOutput]:
+    """A request's step outputs until it finishes; released whatever happens (a disconnect cancels the caller)."""
+    try:
+        while True:
+            out = await queue.get()
+            yield out
+            if out.finished:
+                return
+    finally:
+        loop.release(rid)
+
+
+def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
+    """The FastAPI application serving `llm` under `model_name`."""
+    engine = EngineLoop(llm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.stop()  # the stepping thread ends with the server
+
+    app = FastAPI(title="nano-vLLM", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            return APIError(
+                401, "invalid or missing API key (send Authorization: Bearer KEY)", "authentication_error"
+            ).response()
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        check_model(body, model_name)
+        return body
+
+    async def run(request: Request, prompts: list, params: list[SamplingParams], chat: bool, body: dict):
+        """Submit every (prompt, choice) pair, then stream or collect their outputs."""
+        submitted = []
+        try:
+            for prompt, p in zip(prompts, params):
+                submitted.append(engine.submit(prompt, p))
+        except (ValueError, TypeError) as e:
+            for rid, _ in submitted:
+                engine.release(rid)
+            code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+            raise APIError(400, str(e), code=code) from None
+        created, rid0 = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": rid0, "object": kind, "created": created, "model": model_name}
+        prompt_tokens = sum(len(llm.requests[rid].prompt_ids) for rid, _ in submitted)
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = stream_events(engine, submitted, head, chat, usage, prompt_tokens)
+
+            def release_all():  # runs after the stream ends or the client leaves (a generator left at a yield
+                for rid, _ in submitted:  # is only closed when it is garbage-collected)
+                    engine.release(rid)
+
+            return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release_all))
+        texts = [""] * len(submitted)
+        reasons: list[str | None] = [None] * len(submitted)
+        completion_tokens = 0
+        gens = [outputs_of(engine, rid, q) for rid, q in submitted]
+        try:
+            for i, gen in enumerate(gens):
+                async for out in gen:
+                    texts[i] += out.text
+                    completion_tokens += len(out.new_token_ids)
+                    if out.finished:
+                        reasons[i] = out.finish_reason
+                if reasons[i] == "error":
+                    raise APIError(500, "generation failed inside the engine", "server_error")
+        finally:
+            for gen in gens:
+                await gen.aclose()  # a request not read to its end (an error, a disconnect) is aborted and released
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+             "finish_reason": finish_reason(r)} if chat else
+            {"index": i, "text": t, "logprobs": None, "finish_reason": finish_reason(r)}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ]  # fmt: skip
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        usage["total_tokens"] = prompt_tokens + completion_tokens
+        return JSONResponse({**head, "choices": choices, "usage": usage})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        prompts = completion_prompts(body)
+        params = sampling_params(body, chat=False)
+        return await run(request, [p for p in prompts for _ in params], params * len(prompts), False, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        prompt = chat_prompt(body, llm.tokenizer)
+        params = sampling_params(body, chat=True)
+        return await run(request, [prompt] * len(params), params, True, body)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "nanovllm"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(llm), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def stream_events(engine: EngineLoop, submitted, head: dict, chat: bool, include_usage: bool, prompt_tokens: int):
+    """Server-sent events: a chunk per step that made text, a last chunk with each choice's finish reason, [DONE].
+
+    If the client goes away, the generator is closed: its `finally` aborts and releases every request at once."""
+    merged: asyncio.Queue = asyncio.Queue()
+    index = {rid: i for i, (rid, _) in enumerate(submitted)}
+
+    async def forward(queue: asyncio.Queue):
+        while not (out := await queue.get()).finished:
+            await merged.put(out)
+        await merged.put(out)
+
+    tasks = [asyncio.create_task(forward(q)) for _, q in submitted]
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    completion_tokens, open_choices = 0, len(submitted)
+    try:
+        if chat:
+            for i in range(len(submitted)):
+                first = {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield sse({**head, "object": kind, "choices": [first]})
+        while open_choices:
+            out = await merged.get()
+            completion_tokens += len(out.new_token_ids)
+            if out.finish_reason == "error":
+                yield sse({"error": {"message": "generation failed inside the engine", "type": "server_error"}})
+            if out.text or out.finished:
+                reason = finish_reason(out.finish_reason) if out.finished else None
+                choice = {"index": index[out.request_id], "logprobs": None, "finish_reason": reason}
+                choice |= {"delta": {"content": out.text}} if chat else {"text": out.text}
+                yield sse({**head, "object": kind, "choices": [choice]})
+            open_choices -= out.finished
+        if include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            yield sse({**head, "object": kind, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for rid, _ in submitted:
+            engine.release(rid)
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def serve(llm: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None):
+    """Run the server until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(llm, model_name, api_key), host=host, port=port, log_level="info")

@@ -1,0 +1,125 @@
+"""The OpenAI API's request bodies, read into the engine's terms: prompts, SamplingParams, and errors the OpenAI way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nanovllm.sampling_params import SamplingParams
+
+# OpenAI's name -> SamplingParams' name; vLLM's extras (top_k, min_p, ...) are accepted the same way
+SAMPLING_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "ignore_eos",
+    "min_tokens": "min_tokens",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+}
+IGNORED = {"model", "stream", "stream_options", "user", "prompt", "messages", "n", "max_tokens",
+           "max_completion_tokens", "logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix"}  # fmt: skip
+MAX_CHOICES = 16
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is not None and model != served:
+        raise APIError(
+            404, f"the model {model!r} does not exist: this server serves {served!r}", code="model_not_found"
+        )
+
+
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    """`prompt`: a string, a list of token ids, or a list of either (one choice set per prompt)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_list(p) for p in prompt):
+        return list(prompt)
+    raise APIError(400, "prompt must be a string, a list of token ids, or a non-empty list of either", param="prompt")
+
+
+def chat_prompt(body: dict, tokenizer) -> str | list[int]:
+    """`messages` rendered by the tokenizer's chat template; without one, as plain "role: content" lines ending in
+    "assistant:" (the documented fallback for models trained without a chat format, such as the default model)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise APIError(400, "each message needs a string role and a string content", param="messages")
+    hf = getattr(tokenizer, "tok", None)
+    if hf is not None and getattr(hf, "chat_template", None):
+        try:
+            return list(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
+            raise APIError(400, f"the model's chat template rejects these messages: {e}", param="messages") from None
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
+    """One SamplingParams per choice (n of them; a seeded request's choices get seeds seed, seed + 1, ...)."""
+    unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED)
+    if unknown:
+        raise APIError(400, f"unknown fields {unknown}", param=unknown[0])
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise APIError(400, "logprobs are not supported yet", param="logprobs")
+    if body.get("echo"):
+        raise APIError(400, "echo is not supported", param="echo")
+    n = body.get("n", 1)
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
+    if body.get("best_of") not in (None, n):
+        raise APIError(400, "best_of is not supported yet (only best_of == n)", param="best_of")
+    limit = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens", 16)
+    options: dict[str, Any] = {
+        ours: body[theirs] for theirs, ours in SAMPLING_FIELDS.items() if body.get(theirs) is not None
+    }
+    if limit is not None:
+        options["max_tokens"] = limit
+    elif chat:
+        options["max_tokens"] = 256  # OpenAI: as long as the context allows; a bound keeps one request from hogging
+    if isinstance(options.get("stop"), str):
+        options["stop"] = [options["stop"]]
+    seed = options.get("seed")
+    try:
+        return [
+            SamplingParams(**{**options, **({"seed": seed + i} if _is_int(seed) and n > 1 else {})}) for i in range(n)
+        ]
+    except (ValueError, TypeError) as e:
+        names = (*SAMPLING_FIELDS, "max_tokens", "min_tokens")  # the boundary's messages start with the field's name
+        param = next((f for f in names if str(e).startswith(f)), next((f for f in names if f in str(e)), None))
+        raise APIError(400, str(e), param=param) from None
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """The engine's finish reasons in OpenAI's words ('abort' and 'error' end the text where it stopped)."""
+    return {"length": "length", "stop": "stop"}.get(reason, None if reason is None else "stop")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(t) for t in value)

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible server, for real: started on a free loopback port inside the test, spoken to with the
+official `openai` client and with raw HTTP; greedy answers equal the offline engine's; errors the OpenAI way;
+a bounded load test with disconnecting clients; and `nanovllm chat` driven through stdin."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import TINY_MODELS
+
+pytest.importorskip("fastapi", reason="the server needs the serve extra (fastapi, uvicorn)")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+MODEL = str(TINY_MODELS / "tiny-llama")
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real uvicorn server in a thread, on 127.0.0.1 only; stopped by the fixture."""
+
+    def __init__(self, llm, name: str, api_key: str | None):
+        from nanovllm.server import create_app
+
+        self.port = free_port()
+        self.app = create_app(llm, name, api_key)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from nanovllm import LLM
+
+    return LLM(MODEL, max_num_seqs=32, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    s = Server(llm, "tiny-llama", KEY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The offline engine's greedy answer to a prompt: what the server must give."""
+    from nanovllm import LLM, SamplingParams
+
+    engine = LLM(MODEL)
+
+    def answer(prompt, max_tokens, **options):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, **options)
+        return engine.generate([prompt], params, use_tqdm=False)[0]["text"]
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def idle(llm) -> bool:
+    return not llm.has_unfinished() and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+# ---- the official client ---------------------------------------------------------------------------------
+
+
+def test_completions_equal_the_offline_engine(client, offline, llm):
+    r = client.completions.create(model="tiny-llama", prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert r.choices[0].text == offline("Once upon a time", 12)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    ids = [1, 55, 77, 99, 12]
+    r = client.completions.create(model="tiny-llama", prompt=ids, max_tokens=10, temperature=0)
+    assert r.choices[0].text == offline(ids, 10)
+    assert idle(llm)
+
+
+def test_streamed_completions_add_up_to_the_offline_answer(client, offline):
+    stream = client.completions.create(
+        model="tiny-llama", prompt="The cat sat", max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == offline("The cat sat", 16)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_chat_with_the_plain_fallback_template(client, offline):
+    messages = [{"role": "user", "content": "Hello there"}]
+    rendered = "user: Hello there\nassistant:"  # the documented fallback for a model without a chat template
+    r = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == offline(rendered, 10)
+    stream = client.chat.completions.create(
+        model="tiny-llama", messages=messages, max_completion_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == offline(rendered, 10)
+
+
+def test_n_stop_and_seeds(client, offline):
+    r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=0, n=3)
+    assert len(r.choices) == 3 and len({c.text for c in r.choices}) == 1 and r.choices[0].text == offline("Once", 8)
+    full = offline("Once", 12)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=12, temperature=0, stop=stop)
+    assert r.choices[0].text == offline("Once", 12, stop=[stop]) and stop not in r.choices[0].text
+    a = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=1.0, seed=3, n=2)
+    b = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=1.0, seed=3, n=2)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+def test_models_health_and_metrics(server, client, llm):
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(server.url + "/health", headers=headers).json() == {"status": "ok"}
+    text = httpx.get(server.url + "/metrics", headers=headers).text
+    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert metrics["nanovllm_requests_running"] == "0" and metrics["nanovllm_kv_blocks_used"] == "0"
+    assert int(metrics["nanovllm_generation_tokens_total"]) > 0
+    assert int(metrics['nanovllm_time_to_first_token_seconds_bucket{le="+Inf"}']) > 0
+
+
+# ---- errors the OpenAI way -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ('{"prompt": "hi", "max_tokens": 4', 400, None),  # not JSON
+        ('["prompt"]', 400, None),
+        ('{"model": "gpt-4", "prompt": "hi"}', 404, None),
+        ('{"prompt": 5}', 400, "prompt"),
+        ('{"prompt": "hi", "temperature": -1}', 400, "temperature"),
+        ('{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+        ('{"prompt": "hi", "top_p": 0}', 400, "top_p"),
+        ('{"prompt": "hi", "n": 0}', 400, "n"),
+        ('{"prompt": "hi", "logprobs": 2}', 400, "logprobs"),
+        ('{"prompt": "hi", "bogus": 1}', 400, "bogus"),
+        ('{"prompt": "hi", "stop": 7}', 400, "stop"),
+        ('{"prompt": "hi", "seed": -3}', 400, "seed"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_engine_carries_on(server, llm, offline, body, status, param):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and (param is None or error["param"] == param)
+    good = httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 6, "temperature": 0},
+                      headers=headers)  # fmt: skip
+    assert good.json()["choices"][0]["text"] == offline("Once", 6) and idle(llm)
+
+
+def test_a_prompt_longer_than_the_context(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-llama", prompt=[1] * 5000, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_the_api_key_is_required(server):
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+# ---- load, disconnects -----------------------------------------------------------------------------------
+
+
+def test_load_200_streams_with_disconnects(server, llm, offline):
+    """200 concurrent streams (some n=2, some with stop strings), about 10% of clients leave mid-stream: every other
+    stream gets the offline answer, and the engine ends idle with every block free. Bounded: 200 clients, 120 s."""
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 380) for _ in range(rng.randint(3, 40))] for _ in range(200)]
+    leave = set(rng.sample(range(200), 20))
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def one(i, http):
+        body = {"prompt": prompts[i], "max_tokens": 12, "temperature": 0, "stream": True, "n": 2 if i % 7 == 0 else 1}
+        if i % 5 == 0:
+            body["stop"] = ["e"]
+        texts: dict[int, str] = {}
+        async with http.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if i in leave and len(texts) >= 1:
+                    return None  # the client goes away mid-stream
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+        return texts, body
+
+    async def main():
+        limits = httpx.Limits(max_connections=250)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            return await asyncio.wait_for(asyncio.gather(*(one(i, http) for i in range(200))), timeout=120)
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        if result is None:
+            continue
+        texts, body = result
+        want = offline(prompts[i], 12, stop=body.get("stop", []))
+        assert [texts.get(k, "") for k in range(body["n"])] == [want] * body["n"], i
+    deadline = time.time() + 10
+    while not idle(llm):  # the last disconnects are noticed within a step or two
+        assert time.time() < deadline, "requests of clients that left were not released"
+        time.sleep(0.05)
+    assert not llm.requests
+
+
+# ---- nanovllm chat ---------------------------------------------------------------------------------------
+
+
+def chat_args(**more):
+    options = dict(model=MODEL, url=None, api_key=None, max_tokens=8, temperature=0.0, seed=None, dtype=None)
+    options |= dict(device="cpu", max_num_seqs=8, max_model_len=None, kv_cache_memory=None, quantization=None)
+    return SimpleNamespace(**{**options, **more})
+
+
+def test_chat_in_the_terminal_keeps_the_conversation_and_resets(offline):
+    from nanovllm.chat import run_chat
+
+    out = io.StringIO()
+    assert run_chat(chat_args(), io.StringIO("Hello\nAgain\n/reset\nHello\n"), out) == 0
+    lines = out.getvalue().splitlines()
+    answers = [line[2:] for line in lines if line.startswith("> ") and len(line) > 2 and "new conversation" not in line]
+    first = offline("user: Hello\nassistant:", 8)
+    assert answers[0] == first and answers[2] == first  # after /reset, the same first turn
+    second = offline(f"user: Hello\nassistant: {first}\nuser: Again\nassistant:", 8)
+    assert answers[1] == second and "(a new conversation)" in out.getvalue()
+
+
+def test_chat_against_a_running_server(server, offline):
+    from nanovllm.chat import run_chat
+
+    out = io.StringIO()
+    assert run_chat(chat_args(url=server.url, api_key=KEY), io.StringIO("Hello\n"), out) == 0
+    assert offline("user: Hello\nassistant:", 8) in out.getvalue()
