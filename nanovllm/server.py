@@ -165,7 +165,8 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         prompt_tokens = sum(len(llm.requests[rid].prompt_ids) for rid, _ in submitted)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = stream_events(engine, submitted, head, chat, usage, prompt_tokens)
+            ids = bool(body.get("return_token_ids"))  # nanovllm's extension: each chunk's new token ids too
+            events = stream_events(engine, submitted, head, chat, usage, prompt_tokens, ids)
 
             def release_all():  # runs after the stream ends or the client leaves (a generator left at a yield
                 for rid, _ in submitted:  # is only closed when it is garbage-collected)
@@ -228,7 +229,9 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
     return app
 
 
-async def stream_events(engine: EngineLoop, submitted, head: dict, chat: bool, include_usage: bool, prompt_tokens: int):
+async def stream_events(
+    engine: EngineLoop, submitted, head: dict, chat: bool, include_usage: bool, prompt_tokens: int, token_ids: bool
+):
     """Server-sent events: a chunk per step that made text, a last chunk with each choice's finish reason, [DONE].
 
     If the client goes away, the generator is closed: its `finally` aborts and releases every request at once."""
@@ -258,10 +261,12 @@ async def stream_events(engine: EngineLoop, submitted, head: dict, chat: bool, i
             completion_tokens += len(out.new_token_ids)
             if out.finish_reason == "error":
                 yield sse({"error": {"message": "generation failed inside the engine", "type": "server_error"}})
-            if out.text or out.finished:
+            if out.text or out.finished or (token_ids and out.new_token_ids):
                 reason = finish_reason(out.finish_reason) if out.finished else None
                 choice = {"index": index[out.request_id], "logprobs": None, "finish_reason": reason}
                 choice |= {"delta": {"content": out.text}} if chat else {"text": out.text}
+                if token_ids:
+                    choice["token_ids"] = out.new_token_ids
                 yield sse({**head, "object": kind, "choices": [choice]})
             open_choices -= out.finished
         if include_usage:

@@ -22,7 +22,7 @@ SAMPLING_FIELDS = {
     "min_tokens": "min_tokens",
     "include_stop_str_in_output": "include_stop_str_in_output",
 }
-IGNORED = {"model", "stream", "stream_options", "user", "prompt", "messages", "n", "max_tokens",
+IGNORED = {"model", "stream", "stream_options", "user", "prompt", "messages", "n", "max_tokens", "return_token_ids",
            "max_completion_tokens", "logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix"}  # fmt: skip
 MAX_CHOICES = 16
 
