@@ -94,17 +94,78 @@ def llamacpp_installed() -> bool:
 
 def known_engines() -> list[str]:
     """Every engine name this machine can run now."""
-    return [*chapter_packages(), "transformers", *(["llama.cpp"] if llamacpp_installed() else [])]
+    return [*chapter_packages(), "transformers", "serve", *(["llama.cpp"] if llamacpp_installed() else [])]
+
+
+LLAMACPP_NAMES = ("llama.cpp", "llamacpp", "llama-cpp")
 
 
 def canonical_name(name: str) -> str:
     """'ch01', 'ch01_naive', 'chapters.ch01_naive' -> 'ch01'; 'hf' -> 'transformers'; 'llamacpp' -> 'llama.cpp';
-    'ch04_continuous_batching@HEAD~1' -> 'ch04@HEAD~1' (the ref is kept as written)."""
+    'llamacpp-q8_0' -> 'llama.cpp-q8_0' (a GGUF type); 'ch04_continuous_batching@HEAD~1' -> 'ch04@HEAD~1' (the ref
+    is kept as written); inline options stay as written, less spaces: 'ch07 [quantization=int8]' ->
+    'ch07[quantization=int8]'."""
+    name, inline = split_inline(name)
     name, at, ref = name.strip().partition("@")
     name = name.strip().removeprefix("chapters.")
     if name[:2] == "ch" and name[2:4].isdigit():
-        return name[:4] + at + ref.strip()
-    return {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}.get(name, name) + at + ref
+        return name[:4] + at + ref.strip() + inline
+    for alias in LLAMACPP_NAMES:  # llama.cpp on a quantized GGUF: llamacpp-q4_0, llama.cpp-q8_0, ...
+        if name.lower().startswith(alias + "-"):
+            return "llama.cpp-" + _gguf_spelling(name[len(alias) + 1 :]) + at + ref + inline
+    return {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}.get(name, name) + at + ref + inline
+
+
+def _gguf_spelling(kind: str) -> str:
+    """'Q4_0' -> 'q4_0', so every spelling names one engine (and one baseline); an unknown type is kept as written,
+    for check_engine to reject."""
+    from benchmarks.llamacpp_engine import gguf_type
+
+    try:
+        return gguf_type(kind)
+    except BenchError:
+        return kind
+
+
+def split_inline(name: str) -> tuple[str, str]:
+    """'ch07[quantization=int8]' -> ('ch07', '[quantization=int8]'): an engine with options of its own, so the same
+    engine can run twice in one run with different options (named as a --sweep names its variants)."""
+    name = name.strip()
+    if not name.endswith("]") or "[" not in name:
+        return name, ""
+    head, _, inline = name.partition("[")
+    return head.strip(), "[" + ",".join(part.strip() for part in split_top_level(inline[:-1])) + "]"
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets and parentheses: 'ch04,ch07[a=1,b=(2,3)]' -> ['ch04', 'ch07[a=1,b=(2,3)]'];
+    empty parts are dropped."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c in "[(") - (c in "])")
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def engine_base(name: str) -> str:
+    """The engine a name runs, without its inline options: 'ch07[quantization=int8]' -> 'ch07'."""
+    return split_inline(canonical_name(name))[0]
+
+
+def inline_options(name: str) -> dict[str, Any]:
+    """The options written in an engine's name: 'ch07[quantization=int8,kv_cache_memory=2e8]' ->
+    {'quantization': 'int8', 'kv_cache_memory': 200000000.0}; a BenchError for a part that is not KEY=VALUE."""
+    _, inline = split_inline(name)
+    options = {}
+    for part in split_top_level(inline[1:-1]):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise BenchError(f"engine {name!r}: {part!r} is not KEY=VALUE (write ENGINE[KEY=VALUE,KEY=VALUE])")
+        options[key.strip()] = literal(value.strip())
+    return options
 
 
 def check_engine(name: str) -> None:
@@ -112,12 +173,17 @@ def check_engine(name: str) -> None:
     not installed: it is skipped, saying how to add it). For chNN@REF, REF must be a commit holding chapter NN."""
     from benchmarks.worktrees import chapter_at, resolve_ref, split_ref
 
-    base, ref = split_ref(canonical_name(name))
+    inline_options(name)  # a malformed ENGINE[KEY=VALUE] fails here, before anything runs
+    base, ref = split_ref(engine_base(name))
     if ref is not None:
         if base[:2] != "ch" or not base[2:4].isdigit():
             raise BenchError(f"engine {name!r}: only chapters run at a git commit (chNN@REF)")
         chapter_at(resolve_ref(ref), base)
-    elif base not in (*chapter_packages(), "transformers", "llama.cpp"):
+    elif base.startswith("llama.cpp-"):
+        from benchmarks.llamacpp_engine import gguf_type
+
+        gguf_type(base.removeprefix("llama.cpp-"))  # llama.cpp-q4_0: a GGUF type this benchmark can make
+    elif base not in (*chapter_packages(), "transformers", "llama.cpp", "serve"):
         raise BenchError(
             f"unknown engine {name!r}; engines here: {', '.join(known_engines())} "
             "(llama.cpp with llama-cpp-python installed), or chNN@REF for a chapter at a git commit"
@@ -159,12 +225,21 @@ def create_engine(
 ) -> Engine:
     """Load engine `name` on the model; raises EngineUnavailable (with the reason) when it cannot run here.
 
-    `shared`: settings for every chapter that accepts them (see ChapterEngine)."""
-    base = canonical_name(name)
+    `shared`: settings for every chapter that accepts them (see ChapterEngine). Options written in the name
+    (`ch07[quantization=int8]`) come under `options`."""
+    options = {**inline_options(name), **options}
+    base = engine_base(name)
+    if base.startswith("llama.cpp-"):  # llama.cpp-q4_0: llama.cpp on a GGUF of that type
+        options = {"outtype": base.removeprefix("llama.cpp-"), **options}
+        base = "llama.cpp"
     if "@" in base:  # a chapter at another commit: its own process, its own checkout
         from benchmarks.worker import WorkerEngine
 
         return WorkerEngine(base, model, device, dtype, options, shared)
+    if base == "serve":  # the final engine behind its HTTP server
+        from benchmarks.server_engine import ServerEngine
+
+        return ServerEngine(model, device, dtype, shared=shared, **options)
     if base == "transformers":
         from benchmarks.hf_engine import TransformersEngine
 
@@ -181,7 +256,7 @@ def create_engine(
 
 def preload(name: str) -> None:
     """Import an engine's code, so the memory measured while loading it is its own, not the imports'."""
-    base = canonical_name(name)  # chNN@REF: nothing to import here, its worker imports its own code
+    base = engine_base(name)  # chNN@REF: nothing to import here, its worker imports its own code
     packages = chapter_packages()
     if base in packages:
         importlib.import_module(packages[base])
@@ -279,7 +354,16 @@ class ChapterEngine(Engine):
         return find_kv_tensors_bytes(self.llm)
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "package": self.package, "options": self.options, "streams": self.streams}
+        info = {"kind": self.kind, "package": self.package, "options": self.options, "streams": self.streams}
+        graphs = getattr(getattr(self.llm, "runner", None), "graphs", None)
+        if graphs is not None:  # chapter 6 on: decode steps from static buffers (CUDA graphs on a GPU)
+            info["decode_graphs"] = {
+                "buckets": list(graphs.buckets),
+                "captured": sorted(getattr(graphs, "graphs", {})),  # none on a CPU: replayed eagerly there
+                "capture_seconds": getattr(graphs, "capture_seconds", None),
+                "graph_memory_bytes": getattr(graphs, "graph_memory", None),
+            }
+        return info
 
 
 @contextlib.contextmanager
