@@ -9,6 +9,8 @@ GREEDY_BELOW = 1e-5  # a temperature below this is greedy, as in vLLM: the sampl
 MAX_TEMPERATURE = 1e4  # already all but uniform; a float32 temperature column stays finite
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # x100 either way: near 0 logits overflow
 INT32_END = 2**31  # token counts, top_k and token ids stay below this
+MAX_CANDIDATES = 64  # n and best_of: sequences one request may run at once
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 SEED_END = 2**64  # torch.Generator.manual_seed takes a seed in [0, 2**64)
 
 
@@ -28,6 +30,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, matched on the detokenized text (None: none)
     stop_token_ids: list[int] = field(default_factory=list)  # (None: none)
     include_stop_str_in_output: bool = False
+    n: int = 1  # completions returned for the prompt
+    best_of: int | None = None  # candidates generated (sharing the prompt's KV blocks); the n most likely returned
+    logprobs: int | None = None  # with each token, its log-probability and this many most likely alternatives
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -63,6 +68,18 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         for t in self.stop_token_ids:
             _integer("stop_token_ids", t, low=0, high=INT32_END)
+        _integer("n", self.n, low=1, high=MAX_CANDIDATES + 1)
+        if self.best_of is not None:
+            _integer("best_of", self.best_of, low=1, high=MAX_CANDIDATES + 1)
+            if self.best_of < self.n:
+                raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS + 1)
+
+    @property
+    def candidates(self) -> int:
+        """How many sequences the request runs: best_of, or n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

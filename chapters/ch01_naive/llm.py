@@ -32,6 +32,9 @@ LATER_SAMPLING_FIELDS = (
     "stop",
     "include_stop_str_in_output",
     "min_tokens",  # chapter 4 bans EOS and stop ids until then; merely not stopping would change the tokens
+    "n",  # the final engine's: candidates that share the prompt's blocks, and log-probabilities
+    "best_of",
+    "logprobs",
 )
 
 
@@ -137,7 +140,8 @@ class LLM:
         inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
         for i, (ids, params) in enumerate(inputs):
             if later := params.non_default(LATER_SAMPLING_FIELDS):
-                raise ValueError(f"{self.chapter} samples with temperature only; {later} arrive in chapter 4")
+                where = "the final engine (nanovllm)" if set(later) <= {"n", "best_of", "logprobs"} else "chapter 4"
+                raise ValueError(f"{self.chapter} samples with temperature only; {later} arrive in {where}")
             if params.greedy and params.temperature != 0.0:  # too small to divide the logits by: argmax
                 inputs[i] = (ids, dataclasses.replace(params, temperature=0.0))
         return inputs

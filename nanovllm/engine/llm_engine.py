@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.candidates import Row, best_of, candidate_rows, record_logprob
 from nanovllm.engine.io import Prompt, check_engine_args, check_prompt, prepare_inputs, request_generator
 from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
@@ -126,6 +127,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends, graphs)
         self.requests: dict[int, Sequence] = {}
         self.outputs: dict[int, OutputProcessor] = {}
+        self.groups: dict[int, list[int]] = {}  # a request -> its candidates (itself first; n or best_of > 1)
         self.undelivered: list[StepOutput] = []  # other requests' outputs from steps that generate() ran
         self.lock = threading.RLock()
         self._ids = itertools.count()
@@ -160,7 +162,8 @@ class LLMEngine:
     def _add(self, ids: list[int], params: SamplingParams) -> int:
         with self.lock:
             seq = Sequence(ids, params, generator=request_generator(params, self.generator))
-            seq.request_id = next(self._ids)
+            seq.request_id, seq.forks_left = next(self._ids), params.candidates - 1
+            self.groups[seq.request_id] = [seq.request_id]
             eos = self.tokenizer.eos_token_ids
             self.outputs[seq.request_id] = OutputProcessor(self.tokenizer, ids, params, eos, self.max_model_len)
             self.requests[seq.request_id] = seq
@@ -175,31 +178,38 @@ class LLMEngine:
             if parent is None or parent.is_finished:
                 raise ValueError(f"request {request_id} cannot be forked: unknown, released or finished")
             params = sampling_params or parent.params
-            child = Sequence(parent.token_ids, params, num_prompt_tokens=parent.num_prompt_tokens)
-            child.generator, child.request_id = request_generator(params, self.generator), next(self._ids)
-            out = OutputProcessor(
-                self.tokenizer, parent.prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len
-            )
-            if parent.output_ids:
-                out.detokenizer.add(parent.output_ids)  # its text so far is the parent's
-            self.outputs[child.request_id], self.requests[child.request_id] = out, child
-            self.scheduler.fork(parent, child)
-            return child.request_id
+            return self._spawn(parent, params, request_generator(params, self.generator)).request_id
+
+    def _spawn(self, parent: Sequence, params: SamplingParams, generator: torch.Generator) -> Sequence:
+        child = Sequence(parent.token_ids, params, num_prompt_tokens=parent.num_prompt_tokens, generator=generator)
+        child.request_id, child.cumulative_logprob = next(self._ids), parent.cumulative_logprob
+        child.token_logprobs = list(parent.token_logprobs)
+        out = OutputProcessor(
+            self.tokenizer, parent.prompt_ids, params, self.tokenizer.eos_token_ids, self.max_model_len
+        )
+        if parent.output_ids:
+            out.detokenizer.add(parent.output_ids)  # its text so far is the parent's
+        self.outputs[child.request_id], self.requests[child.request_id] = out, child
+        self.groups.get(parent.request_id, []).append(child.request_id)  # released and aborted with its first
+        self.scheduler.fork(parent, child)
+        return child
 
     def abort(self, request_id: int) -> None:
         """Stop a request now: its blocks return to the pool at once; the others carry on undisturbed."""
         with self.lock:
-            seq = self.requests.get(request_id)
-            if seq is not None and not seq.is_finished:
-                self._finish(seq, "abort")
+            for member in self.groups.get(request_id, [request_id]):  # a request with n > 1: all its candidates
+                seq = self.requests.get(member)
+                if seq is not None and not seq.is_finished:
+                    self._finish(seq, "abort")
 
     def release(self, request_id: int) -> None:
         """Forget a request (aborting it if it still runs): a server calls this once it has sent the result,
         so an engine that serves request after request does not keep them all."""
         with self.lock:
             self.abort(request_id)
-            self.requests.pop(request_id, None)
-            self.outputs.pop(request_id, None)
+            for member in self.groups.pop(request_id, [request_id]):
+                self.requests.pop(member, None)
+                self.outputs.pop(member, None)
 
     def has_unfinished(self) -> bool:
         with self.lock:
@@ -232,31 +242,34 @@ class LLMEngine:
         # a sequence samples once this step's tokens reach its end (a chunked prefill part-way does not)
         ready = [i for i, (s, n) in enumerate(zip(plan.seqs, plan.num_tokens)) if s.num_computed_tokens + n == len(s)]
         logits = self.runner.run(plan.seqs, plan.num_tokens, ready, plan.copies)
-        tokens = self._sample(logits, [plan.seqs[i] for i in ready])
-        return self._postprocess(plan, ready, tokens)
+        rows = candidate_rows([plan.seqs[i] for i in ready], self.generator)
+        if len(rows) > len(ready):  # a prompt just computed draws for each of its candidates from its logits
+            logits = logits[[r.logits_row for r in rows]]
+        tokens = self._sample(logits, rows)
+        return self._postprocess(plan, rows, tokens, logits)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | str]:
-        """One token per sequence, or the error its sampling raised (as text); one bad row spoils no other.
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> list[int | str]:
+        """One token per row, or the error its sampling raised (as text); one bad row spoils no other.
 
         The random streams are restored before a retry row by row (and on an interrupt), so a seeded request
         draws exactly what it would have drawn had nothing gone wrong.
         """
-        generators = list({id(s.generator): s.generator for s in seqs if not s.params.greedy}.values())
+        generators = list({id(r.generator): r.generator for r in rows if not r.seq.params.greedy}.values())
         states = [g.get_state() for g in generators]
 
-        def rows(seqs: list[Sequence]) -> SamplingBatch:
+        def batch(rows: list[Row]) -> SamplingBatch:
             return SamplingBatch.build(
-                [s.params for s in seqs],
-                [s.token_ids for s in seqs],
-                [s.num_prompt_tokens for s in seqs],
+                [r.seq.params for r in rows],
+                [r.seq.token_ids for r in rows],
+                [r.seq.num_prompt_tokens for r in rows],
                 self.tokenizer.eos_token_ids,
                 self.config.vocab_size,
-                [s.generator for s in seqs],
+                [r.generator for r in rows],
                 logits.device,
             )
 
         try:
-            return sample(logits, rows(seqs))
+            return sample(logits, batch(rows))
         except Exception:
             for g, state in zip(generators, states):
                 g.set_state(state)
@@ -265,22 +278,29 @@ class LLMEngine:
                 g.set_state(state)
             raise
         tokens: list[int | str] = []
-        for row, seq in enumerate(seqs):
+        for i, row in enumerate(rows):
             try:
-                tokens += sample(logits[row : row + 1], rows([seq]))
+                tokens += sample(logits[i : i + 1], batch([row]))
             except Exception as e:
                 tokens.append(f"sampling failed: {type(e).__name__}: {e}")
         return tokens
 
-    def _postprocess(self, plan: ScheduledBatch, ready: list[int], tokens: list[int | str]) -> list[StepOutput]:
+    def _postprocess(
+        self, plan: ScheduledBatch, rows: list[Row], tokens: list[int | str], logits: torch.Tensor
+    ) -> list[StepOutput]:
         """The step's second phase: count what the forward computed, append the sampled tokens, finish requests."""
         self.scheduler.postprocess(plan)
         decode = sum(1 for n, s in zip(plan.num_tokens, plan.seqs) if n == 1 and len(s) > s.num_prompt_tokens)
         self.stats["decode_tokens"] += decode
         self.stats["prefill_tokens"] += sum(plan.num_tokens) - decode
+        # new candidates first: they share the prompt's blocks, before the first one's own token is appended
+        seqs = [self._spawn(r.seq, r.seq.params, r.generator) if r.new else r.seq for r in rows]
+        for r in rows:
+            r.seq.forks_left = 0
+        wanted = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None or seq.params.candidates > 1]
+        logprobs = dict(zip(wanted, logits[wanted].float().log_softmax(-1))) if wanted else {}
         outputs = []
-        for i, token in zip(ready, tokens):
-            seq = plan.seqs[i]
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             out = self.outputs[seq.request_id]
             if isinstance(token, str):  # its sampling raised
                 seq.error = token
@@ -288,6 +308,8 @@ class LLMEngine:
                 outputs.append(StepOutput(seq.request_id, [], True, "error", out.take_new_text()))
                 continue
             seq.token_ids.append(token)
+            if i in logprobs:  # the model's own distribution (before temperature and filters), as OpenAI reports
+                record_logprob(seq, token, logprobs[i])
             reason = out.append(seq.output_ids)
             if reason is not None:
                 self._finish(seq, reason)
@@ -307,7 +329,31 @@ class LLMEngine:
             }
             if seq.error is not None:
                 result["error"] = seq.error
+            if seq.params.logprobs is not None or seq.params.candidates > 1:
+                result["cumulative_logprob"] = seq.cumulative_logprob
+            if seq.params.logprobs is not None:
+                result["logprobs"] = [{"logprob": lp, "top": top} for lp, top in seq.token_logprobs]
             return result
+
+    def result(self, request_id: int) -> dict:
+        """A request's result; with n or best_of > 1, its best candidate's, with every returned one under "outputs"
+        (the n most likely, best first)."""
+        with self.lock:
+            seq = self.requests[request_id]
+            if seq.params.candidates == 1:
+                return self.output(request_id)
+            results = [self.output(m) for m in self.groups.get(request_id, [request_id]) if m in self.requests]
+            chosen = best_of(results, seq.params.n)
+            return {**chosen[0], "outputs": chosen}
+
+    def _done(self, request_id: int) -> bool:
+        """Finished, with every candidate (or aborted or released by another thread)."""
+        seq = self.requests.get(request_id)
+        if seq is None or (seq.is_finished and seq.forks_left):  # it ended before its candidates were forked
+            return True
+        return all(
+            self.requests[m].is_finished for m in self.groups.get(request_id, [request_id]) if m in self.requests
+        )
 
     # ---- the batch API every chapter shares --------------------------------------------------------------
 
@@ -332,9 +378,9 @@ class LLMEngine:
             while pending:
                 with self.lock:
                     outs = self._step()
-                    self.undelivered += [o for o in outs if o.request_id not in pending]
-                    # finished in this step, or aborted or released by another thread
-                    finished = [i for i in pending if (s := self.requests.get(i)) is None or s.is_finished]
+                    members = {m for i in pending for m in self.groups.get(i, [i])}
+                    self.undelivered += [o for o in outs if o.request_id not in members]
+                    finished = [i for i in pending if self._done(i)]
                 pending.difference_update(finished)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
@@ -344,7 +390,7 @@ class LLMEngine:
                     )
                     bar.update(len(finished))
             with self.lock:
-                return [self.output(i) if i in self.requests else _released(i) for i in ids]
+                return [self.result(i) if i in self.requests else _released(i) for i in ids]
         finally:
             bar.close()
             for i in ids:

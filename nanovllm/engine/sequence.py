@@ -34,6 +34,9 @@ class Sequence:
     generator: torch.Generator | None = None
     request_id: int = -1  # the engine's id for it
     error: str | None = None  # why it finished with finish_reason "error"
+    forks_left: int = 0  # candidates still to fork from it once its prompt is computed (best_of / n > 1)
+    cumulative_logprob: float = 0.0  # sum of its output tokens' log-probabilities
+    token_logprobs: list = field(default_factory=list)  # per output token: (logprob, [(alternative, logprob)])
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

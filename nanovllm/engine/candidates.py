@@ -1,0 +1,59 @@
+"""Parallel sampling: a request with n (or best_of) > 1 runs that many candidates, which share its prompt's KV blocks.
+
+The prompt is computed once. When its last token's logits come out, every candidate draws its own first token
+from them, each from its own random stream, and the candidates fork from the first one: they share its blocks by
+reference count, and the first write into the shared, partly filled last block copies it (copy on write). Each
+candidate then runs as a request of its own; the n with the highest cumulative log-probability are returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SEED_END
+
+
+@dataclass
+class Row:
+    """One token to draw this step: for `seq`, or (new) for a candidate about to fork from it."""
+
+    seq: Sequence
+    generator: torch.Generator | None
+    logits_row: int  # which row of the step's logits it draws from
+    new: bool = False
+
+
+def candidate_rows(seqs: list[Sequence], shared: torch.Generator) -> list[Row]:
+    """A row per sequence that samples this step, and after a request whose prompt was just computed, a row for
+    each of its other candidates. Candidate j of a seeded request draws from its own stream, seeded seed + j."""
+    rows = []
+    for i, seq in enumerate(seqs):
+        rows.append(Row(seq, seq.generator, i))
+        if seq.forks_left and not seq.output_ids:
+            seed = seq.params.seed
+            for j in range(1, seq.forks_left + 1):
+                generator = (
+                    shared if seed is None else torch.Generator(shared.device).manual_seed((seed + j) % SEED_END)
+                )
+                rows.append(Row(seq, generator, i, new=True))
+    return rows
+
+
+def record_logprob(seq: Sequence, token: int, logprobs: torch.Tensor) -> None:
+    """Add the sampled token's log-probability (logprobs: (V,) of the model's distribution) to the sequence's sum,
+    and, when the request asked for logprobs, keep it with the k most likely alternatives."""
+    value = float(logprobs[token])
+    seq.cumulative_logprob += value
+    k = seq.params.logprobs
+    if k is not None:
+        top = logprobs.topk(k) if k else None
+        alternatives = [(int(t), float(v)) for v, t in zip(top.values, top.indices)] if top is not None else []
+        seq.token_logprobs.append((value, alternatives))
+
+
+def best_of(results: list[dict], n: int) -> list[dict]:
+    """The n results with the highest cumulative log-probability, best first (ties keep the first candidate)."""
+    return sorted(results, key=lambda r: -r["cumulative_logprob"])[:n]
