@@ -6,6 +6,7 @@
    through its last line); `File.py:Class.method` a method. pymdownx.snippets only knows line ranges and
    marker comments; `on_page_markdown` rewrites each such name into the line range it has in the source
    today, so the book follows the code when lines move, and the build fails if a name disappears.
+   `File.c:function` includes a C function: the comment just above it, its signature and its body.
 
 tests/test_book.py imports `snippet_includes` and `resolve` from here to check every include.
 """
@@ -31,7 +32,7 @@ OUTSIDE_PAGES = ("notebooks/*.ipynb", "solutions/*.md")  # repository paths; the
 SNIPPET = re.compile(
     r"""^(?P<indent>[ \t]*)(?P<scissors>-+8<-+[ \t]+)(?P<quote>["'])(?P<target>[^"']+)(?P=quote)\s*$"""
 )
-NAMED = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+NAMED = re.compile(r"^(?P<path>.+\.(?:py|c)):(?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 
 
 def snippet_includes(markdown: str) -> list[tuple[int, str]]:
@@ -40,7 +41,12 @@ def snippet_includes(markdown: str) -> list[tuple[int, str]]:
 
 
 def resolve(path: Path, name: str) -> tuple[int, int]:
-    """The 1-based, inclusive line range of a top-level function, class or assignment (or Class.method)."""
+    """The 1-based, inclusive line range of a top-level function, class or assignment (or Class.method).
+
+    In a .c file, of a function: see resolve_c.
+    """
+    if path.suffix == ".c":
+        return resolve_c(path, name)
     body = ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body
     node = None
     for part in name.split("."):
@@ -50,6 +56,57 @@ def resolve(path: Path, name: str) -> tuple[int, int]:
         body = getattr(node, "body", [])
     first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
     return first, node.end_lineno
+
+
+def resolve_c(path: Path, name: str) -> tuple[int, int]:
+    """The line range of the C function `name`: the comment that ends just above it, its signature, its body.
+
+    A definition starts at column 0 (bodies are indented) and is not a prototype; where preprocessor branches
+    define the function more than once (one per instruction set), the first one is taken.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    code = _c_code(lines)
+    head = re.compile(rf"^[A-Za-z_][^;]*\b{re.escape(name)}\s*\(")
+    for first, line in enumerate(code):
+        if not head.match(line):
+            continue
+        depth = 0
+        for last in range(first, len(code)):
+            if depth == 0 and "{" not in code[last] and code[last].rstrip().endswith(";"):
+                break  # a prototype, not a definition
+            depth += code[last].count("{") - code[last].count("}")
+            if depth == 0 and "}" in code[last]:
+                start = first
+                if start and lines[start - 1].rstrip().endswith("*/"):  # the comment that says what it does
+                    while not lines[start - 1].lstrip().startswith("/*"):
+                        start -= 1
+                    start -= 1
+                return start + 1, last + 1
+    raise KeyError(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: no C function {name!r}")
+
+
+def _c_code(lines: list[str]) -> list[str]:
+    """The lines of a C file with comments and character or string literals blanked: braces left are code."""
+    out, in_comment = [], False
+    for line in lines:
+        kept, i = [], 0
+        while i < len(line):
+            if in_comment:
+                end = line.find("*/", i)
+                i, in_comment = (len(line), True) if end < 0 else (end + 2, False)
+            elif line.startswith("/*", i):
+                in_comment, i = True, i + 2
+            elif line.startswith("//", i):
+                break
+            elif line[i] in "'\"":
+                m = re.match(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"", line[i:])
+                kept.append(" ")
+                i += len(m.group()) if m else 1
+            else:
+                kept.append(line[i])
+                i += 1
+        out.append("".join(kept))
+    return out
 
 
 def _defines(node: ast.stmt, name: str) -> bool:

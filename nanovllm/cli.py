@@ -7,6 +7,19 @@ import sys
 import time
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.loader import QUANTIZATIONS
+
+SEPARATOR = "-" * 40  # between the texts of several prompts
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, a flag's False) or where the
+    help text already says it in words ("(default: this machine only)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,14 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="'default' (ships with nano-vLLM), a Hugging Face model folder, or a llama2.c .bin",
     )
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt")
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0 for greedy. Python's SamplingParams defaults to 1.0, as vLLM's does; here 0.8 keeps the small "
+        "models' stories on track",
+    )
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 keeps every token")
+    gen.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 keeps all")
+    gen.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: a random one)")
     gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
+    # no argparse choices: a bad name is then the engine's one-line error, not a usage message
+    gen.add_argument("--quantization", default=None, metavar="{" + ",".join(QUANTIZATIONS) + "}",
+                     help="weight-only quantization of the linear layers (default: none, full precision)")  # fmt: skip
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra: fastapi, uvicorn)")
     srv.add_argument("model", nargs="?", default="default", help="'default', a Hugging Face folder or a llama2.c .bin")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -44,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_options(chat)
     # parsed by the benchmark itself (main hands it everything after `bench`): listed here for --help
     sub.add_parser("bench", add_help=False, help="benchmark engines on a workload (python -m benchmarks; in a clone)")
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsFormatter
+        command.set_defaults(command_parser=command)  # for main's errors: this command's usage, not the top level's
     return parser
 
 
@@ -94,15 +119,17 @@ def generate(args: argparse.Namespace) -> int:
     params = SamplingParams(  # checked before the model loads too
         temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     start = time.perf_counter()
     if args.stream:
         outputs = [stream(llm, args.prompts[0], params)]
     else:
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
-        for prompt, out in zip(args.prompts, outputs):
-            print(f"{prompt}\033[1m{out['text']}\033[0m" if sys.stdout.isatty() else prompt + out["text"])
-            print()
+        for i, (prompt, out) in enumerate(zip(args.prompts, outputs)):
+            if i:
+                print(SEPARATOR)
+            print(f"{prompt}\033[1m{out['text']}\033[0m" if sys.stdout.isatty() else prompt + out["text"], flush=True)
+            print_finish(out)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.0f} tok/s; {llm.pool.describe()}]", file=sys.stderr)
@@ -116,10 +143,18 @@ def stream(llm, prompt: str, params: SamplingParams) -> dict:
     while llm.has_unfinished():
         for out in llm.step():
             print(out.text, end="", flush=True)
-    print("\n")
+    print(flush=True)
     result = llm.output(request)
     llm.release(request)
+    print_finish(result)
     return result
+
+
+def print_finish(out: dict) -> None:
+    """Why a prompt's text ended, on stderr (stdout stays the text alone, for a pipe): stop (EOS, a stop string or
+    id) or length (--max-tokens, or the context is full)."""
+    n = len(out["token_ids"])
+    print(f"[{out['finish_reason']}, {n} token{'s' if n != 1 else ''}]", file=sys.stderr, flush=True)
 
 
 def bench(argv: list[str]) -> int:
@@ -148,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark parses its own arguments (`nanovllm bench --help` is its help)
         return bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # parse_args would blame the top-level parser and print its usage, not the subcommand's
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return {"generate": generate, "serve": serve, "chat": chat}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: one clear line, no traceback

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import sys
 import textwrap
@@ -50,11 +51,11 @@ class Source:
     that a stored notebook still shows the current code.
     """
 
-    def __init__(self, code: str, title: str = "", folded: bool = False):
-        self.code, self.title, self.folded = code.rstrip() + "\n", title, folded
+    def __init__(self, code: str, title: str = "", folded: bool = False, language: str = "python"):
+        self.code, self.title, self.folded, self.language = code.rstrip() + "\n", title, folded, language
 
     def _repr_markdown_(self) -> str:
-        block = f"```python\n{self.code}```"
+        block = f"```{self.language}\n{self.code}```"
         if self.folded:
             return f"<details><summary>{self.title}</summary>\n\n{block}\n\n</details>"
         return f"*{self.title}*\n\n{block}" if self.title else block
@@ -78,6 +79,19 @@ def show(obj, folded: bool = False, title: str | None = None) -> Source:
     obj = unjit(obj)
     code = textwrap.dedent(inspect.getsource(obj))
     return Source(code, title if title is not None else f"{obj.__qualname__} — {where(obj)}", folded)
+
+
+def show_c(path: str, name: str) -> Source:
+    """A C function of the repository by name (the comment above it, its signature and body), as the book shows it.
+
+    The lines come from book/hooks.py's resolver, the one the book's `--8<-- "file.c:name"` includes use.
+    """
+    spec = importlib.util.spec_from_file_location("book_hooks", ROOT / "book" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    start, end = hooks.resolve(ROOT / path, name)
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()[start - 1 : end]
+    return Source("\n".join(lines), f"{name} — {path}", language="c")
 
 
 def _split(obj) -> tuple[list[str], list[str], list[str]]:

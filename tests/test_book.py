@@ -76,6 +76,19 @@ def test_named_includes_resolve_to_whole_definitions():
         hooks.resolve(path, "no_such_function")
 
 
+def test_named_c_includes_resolve_to_whole_functions():
+    """A C function by name: the comment just above it through its closing brace; prototypes and calls are skipped."""
+    path = ROOT / "nanovllm" / "kernels" / "paged_attention_cpu.c"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start, end = hooks.resolve(path, "paged_decode_attention")
+    assert lines[start - 1].startswith("/*") and lines[start].startswith("int paged_decode_attention(")
+    assert lines[end - 1] == "}" and hooks.NAMED.match(f"{rel(path)}:paged_decode_attention")
+    start, end = hooks.resolve(path, "attend_any")
+    assert "attend_any(" in lines[start] and lines[end - 1] == "}" and end - start < 12
+    with pytest.raises(KeyError):
+        hooks.resolve(path, "no_such_function")
+
+
 @pytest.mark.parametrize("chapter", sorted(c for c in TASKS if (ROOT / "book" / f"{c}.md").exists()))
 def test_book_and_solutions_number_the_tasks_as_tasks_py(chapter):
     page = (ROOT / "book" / f"{chapter}.md").read_text(encoding="utf-8")

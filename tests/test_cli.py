@@ -1,4 +1,5 @@
-"""The command line (`nanovllm generate`): the same text as the Python API, streamed or not; bad input is one line."""
+"""The command line (`nanovllm generate`): the same text as the Python API, streamed or not, each prompt's finish
+reason, several prompts apart; --help shows the defaults; bad input is one line, or the command's own usage."""
 
 from __future__ import annotations
 
@@ -6,30 +7,59 @@ import pytest
 
 from conftest import TINY_MODELS
 from nanovllm import LLM, SamplingParams
-from nanovllm.cli import main
+from nanovllm.cli import SEPARATOR, main, print_finish
 
 pytestmark = pytest.mark.ch04
 MODEL = str(TINY_MODELS / "tiny-llama")
 
 
 @pytest.fixture(scope="module")
-def expected() -> list[str]:
-    outs = LLM(MODEL).generate(["Once upon", "The cat"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
-    return [o["text"] for o in outs]
+def expected() -> list[dict]:
+    return LLM(MODEL).generate(["Once upon", "The cat"], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
 
 
-def test_generate_prints_each_prompt_and_its_continuation(capsys, expected):
+def test_generate_prints_each_prompt_its_continuation_and_why_it_ended(capsys, expected):
     assert main(["generate", "Once upon", "The cat", "--model", MODEL, "--temperature", "0", "--max-tokens", "12"]) == 0
     out, err = capsys.readouterr()
-    assert out == f"Once upon{expected[0]}\n\nThe cat{expected[1]}\n\n"
-    assert "24 tokens in" in err
+    # stdout is the texts alone, a separator line between them; the finish reasons go to stderr
+    assert out == f"Once upon{expected[0]['text']}\n{SEPARATOR}\nThe cat{expected[1]['text']}\n"
+    reasons = [f"[{o['finish_reason']}, {len(o['token_ids'])} tokens]" for o in expected]
+    assert err.splitlines()[:2] == reasons and "24 tokens in" in err
 
 
 def test_stream_prints_the_same_text_piece_by_piece(capsys, expected):
     argv = ["generate", "Once upon", "--model", MODEL, "--temperature", "0", "--max-tokens", "12", "--stream"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert out == f"Once upon{expected[0]}\n\n" and "12 tokens in" in err
+    assert out == f"Once upon{expected[0]['text']}\n" and "12 tokens in" in err
+    assert err.startswith(f"[{expected[0]['finish_reason']}, 12 tokens]\n")
+
+
+def test_finish_reason_line(capsys):
+    print_finish({"finish_reason": "stop", "token_ids": [7]})
+    print_finish({"finish_reason": "length", "token_ids": [7, 8]})
+    assert capsys.readouterr().err == "[stop, 1 token]\n[length, 2 tokens]\n"
+
+
+def test_help_shows_the_defaults_and_why_the_temperature_differs_from_the_api(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["generate", "--help"])
+    assert raised.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    for default in ("most new tokens per prompt (default: 64)", "(default: 0.8)", "(default: 1.0)", "(default: -1)"):
+        assert default in out, out
+    assert SamplingParams().temperature == 1.0 and "SamplingParams defaults to 1.0" in out
+
+
+def test_an_unknown_option_prints_the_generate_usage(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["generate", "a", "--bogus"])
+    assert raised.value.code == 2
+    out, err = capsys.readouterr()
+    assert (
+        err.startswith("usage: nanovllm generate ")
+        and "nanovllm generate: error: unrecognized arguments: --bogus" in err
+    )
 
 
 @pytest.mark.parametrize(
@@ -37,6 +67,7 @@ def test_stream_prints_the_same_text_piece_by_piece(capsys, expected):
     [
         (["generate", "a", "b", "--stream", "--model", "/not/loaded"], "--stream takes one prompt, got 2"),
         (["generate", "a", "--temperature", "-1"], "temperature"),
+        (["generate", "a", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
         (["generate", "a", "--model", "/no/such/folder"], "/no/such/folder"),
     ],
 )
@@ -46,3 +77,31 @@ def test_bad_input_is_one_clear_line(capsys, argv, message):
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert err.startswith("nanovllm: error:") and message in err and err.count("\n") == 1
+
+
+def test_quantization_int8_generates_what_the_api_does(capsys, monkeypatch):
+    import nanovllm
+
+    made = []
+
+    class Recording(nanovllm.LLM):  # the engine the command builds, kept to look at (tiny-llama's INT8 text is fp32's)
+        def __init__(self, *args, **options):
+            super().__init__(*args, **options)
+            made.append(self)
+
+    params = SamplingParams(temperature=0, max_tokens=8)
+    want = LLM(MODEL, quantization="int8").generate(["Once upon"], params, use_tqdm=False)[0]["text"]
+    monkeypatch.setattr(nanovllm, "LLM", Recording)
+    argv = ["generate", "Once upon", "--model", MODEL, "--temperature", "0", "--max-tokens", "8"]
+    assert main([*argv, "--quantization", "int8"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"Once upon{want}\n" and "8 tokens in" in err
+    assert made[0].quantization == "int8" and made[0].weight_bytes < LLM(MODEL).weight_bytes
+
+
+@pytest.mark.parametrize("value", ["int3", "INT8", "int4-g16"])
+def test_bad_quantization_is_one_line_naming_the_choices(capsys, value):
+    assert main(["generate", "a", "--model", MODEL, "--quantization", value]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("nanovllm: error: quantization must be") and err.count("\n") == 1
+    assert "int4-g128" in err and repr(value) in err

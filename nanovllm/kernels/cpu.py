@@ -1,8 +1,11 @@
 """The CPU kernels in C: compiled with the machine's C compiler on first use, cached, and called through ctypes.
 
 Nothing here is needed to run: where there is no C compiler (or NANOVLLM_C_KERNELS=0), `c_kernels_unavailable()`
-says why and the engine keeps to its PyTorch path. The library is built once per source, compiler and machine
-into ~/.cache/nanovllm/kernels (NANOVLLM_KERNEL_CACHE to move it); a build takes about a second.
+(paged attention) and `quantized_kernels_unavailable()` (INT8 / INT4 linear layers) say why and the engine keeps to
+its PyTorch path. Each C file is its own library, built once per source, compiler and machine into
+~/.cache/nanovllm/kernels (NANOVLLM_KERNEL_CACHE to move it); a build takes about a second.
+NANOVLLM_KERNEL_FLAGS="-O3 -mavx2 -mfma -fopenmp" (say) builds with those flags instead of trying FLAG_SETS: how
+the tests and benchmarks/quant_kernels.py reach the code paths of CPUs older than this one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
+KERNELS = Path(__file__).parent
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# each library is built from KERNELS / f"{name}.c"; these are the functions it exports: name -> (restype, argtypes)
+LIBRARIES = {
+    "paged_attention_cpu": {"paged_decode_attention": (_I, [_P] * 6 + [_I] * 7 + [_F, _I])},
+    "quant_linear_cpu": {
+        "int8_linear": (_I, [_P] * 5 + [_I] * 4),
+        "int4_linear": (_I, [_P] * 5 + [_I] * 5),
+        "quant_linear_isa": (ctypes.c_char_p, []),
+    },
+}
 # tried in order, the first that compiles is used: not every compiler knows -march=native or OpenMP (macOS's clang)
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
@@ -28,6 +41,11 @@ FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp-simd"],
     ["-O3"],
 )
+
+
+def _flag_sets() -> tuple[list[str], ...]:
+    flags = os.environ.get("NANOVLLM_KERNEL_FLAGS")
+    return (flags.split(),) if flags else FLAG_SETS
 
 
 def _compiler() -> str | None:
@@ -56,8 +74,8 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    """(the library, None), or (None, why there is none)."""
+def _load(name: str = "paged_attention_cpu") -> tuple[ctypes.CDLL | None, str | None]:
+    """(library `name`, None), or (None, why there is none)."""
     if os.environ.get("NANOVLLM_C_KERNELS", "1") == "0":
         return None, "NANOVLLM_C_KERNELS=0"
     if sys.platform == "win32":
@@ -65,13 +83,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install cc, gcc or clang)"
-    source, machine = SOURCE.read_bytes(), _machine()
+    path = KERNELS / f"{name}.c"
+    source, machine = path.read_bytes(), _machine()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), machine]))
-        library = _cache_dir() / f"paged_attention_cpu-{key.hexdigest()[:16]}.so"
+        library = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
         if not library.exists():
-            library, error = _build(cc, flags, library)
+            library, error = _build(cc, flags, path, library)
             if error:
                 errors.append(f"{cc} {' '.join(flags)}: {error}")
                 continue
@@ -80,15 +99,15 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         except OSError as e:  # built, but will not load here (a runtime library missing, say)
             errors.append(f"{library.name}: {e}")
             continue
-        fn = lib.paged_decode_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
+        for function, (restype, argtypes) in LIBRARIES[name].items():
+            fn = getattr(lib, function)
+            fn.restype, fn.argtypes = restype, argtypes
         return lib, None
-    return None, "the C kernel did not compile: " + "; ".join(errors)
+    return None, f"the C kernel {path.name} did not compile: " + "; ".join(errors)
 
 
-def _build(cc: str, flags: list[str], library: Path) -> tuple[Path, str | None]:
-    """Compile SOURCE into `library` (or, where its folder cannot be made, a temporary one).
+def _build(cc: str, flags: list[str], source: Path, library: Path) -> tuple[Path, str | None]:
+    """Compile `source` into `library` (or, where its folder cannot be made, a temporary one).
 
     Returns where the library is and None, or the compiler's complaint.
     """
@@ -101,7 +120,7 @@ def _build(cc: str, flags: list[str], library: Path) -> tuple[Path, str | None]:
     # build under a private name, then rename: processes building at once never load a half-written file
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
-    command = [cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", partial, "-lm"]
+    command = [cc, *flags, "-fPIC", "-shared", str(source), "-o", partial, "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -172,3 +191,152 @@ def paged_decode_attention(
     if error:
         raise MemoryError("the C paged attention kernel ran out of memory")
     return out
+
+
+# The code paths of quant_linear_cpu.c: the /proc/cpuinfo flags each needs and the compiler flags that select it, so
+# that one machine can build, check and time the paths of older CPUs too (tests, benchmarks/quant_kernels.py).
+QUANT_KERNEL_PATHS = {
+    "avx512vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma"},
+                   "-O3 -mavx2 -mfma -mavx512f -mavx512bw -mavx512vl -mavx512vnni -fopenmp"),
+    "avx512bw": ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma"},
+                 "-O3 -mavx2 -mfma -mavx512f -mavx512bw -mavx512vl -fopenmp"),
+    "avx2": ({"avx2", "fma"}, "-O3 -mavx2 -mfma -fopenmp"),
+    "scalar": (set(), "-O3 -fopenmp"),
+}  # fmt: skip
+
+
+def quant_kernel_paths() -> dict[str, str]:
+    """The paths of QUANT_KERNEL_PATHS this CPU can run: name -> NANOVLLM_KERNEL_FLAGS that builds it.
+
+    Only the portable one off x86 Linux (no /proc/cpuinfo flags to go by).
+    """
+    flags: set[str] = set()
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+        except OSError:
+            pass
+    return {name: cflags for name, (needs, cflags) in QUANT_KERNEL_PATHS.items() if needs <= flags}
+
+
+# Up to this many rows of x (tokens in a step), the INT8 / INT4 kernels beat fp32 F.linear on its own weights on the
+# development CPU; past it, dequantize once and use fp32 (benchmarks/results/cpu-quant-kernels.md has the numbers).
+QUANT_KERNEL_MAX_ROWS = 16
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def quantized_kernels_unavailable() -> str | None:
+    """None when the INT8 / INT4 linear kernels are ready to use; otherwise why they are not."""
+    return _load("quant_linear_cpu")[1]
+
+
+def quant_kernel_isa() -> str:
+    """Which code path the INT8 / INT4 kernels were compiled with: avx512vnni, avx512bw, avx2 or scalar."""
+    return _quant_library().quant_linear_isa().decode()
+
+
+def _quant_library() -> ctypes.CDLL:
+    lib, why = _load("quant_linear_cpu")
+    if lib is None:
+        raise RuntimeError(f"the C quantized linear kernels are not available: {why}")
+    return lib
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> None:
+    """A ValueError unless t is a contiguous CPU tensor of this dtype (and shape): the C code reads raw memory.
+
+    Written for speed (a decode step calls it ~50 times per token): no device objects, no tuple copies.
+    """
+    if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+        layout = "" if t.is_contiguous() else "a non-contiguous "
+        raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor, got {layout}{t.dtype} on {t.device}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _quant_linear(kind, x, in_features, weight, scales, bias, out, *extra):
+    """Validate x, bias and out against the (already validated) weights, then call the kernel `kind`."""
+    out_features = weight.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
+    _check("x", x, torch.float32)
+    if bias is not None:
+        _check("bias", bias, torch.float32, (out_features,))
+    shape = (*x.shape[:-1], out_features)
+    if out is None:
+        out = x.new_empty(shape)
+    else:
+        _check("out", out, torch.float32, shape)
+    rows = x.numel() // in_features
+    if rows and out_features:
+        error = getattr(_quant_library(), kind)(
+            x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+            out.data_ptr(), rows, out_features, in_features, *extra, torch.get_num_threads(),
+        )  # fmt: skip
+        if error:
+            raise MemoryError(f"the C {kind} kernel ran out of memory")
+    return out
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W.T (+ bias) with W stored as INT8 per output channel: w[o, i] = scale[o] * qweight[o, i].
+
+    x is quantized to int8 in blocks of 32 (llama.cpp's q8_0) and every block's dot product is done in integers,
+    so the result is nanovllm.layers.quant_reference.int8_linear_reference's up to float32 rounding.
+
+    Args:
+        x: (..., in) float32 activations, contiguous; few rows (see QUANT_KERNEL_MAX_ROWS) is where it pays.
+        qweight: (out, in) int8, contiguous.
+        scale: (out,) float32.
+        bias: optional (out,) float32.
+        out: optional (..., out) float32 tensor to write into.
+    Returns:
+        (..., out) float32.
+    """
+    if qweight.dim() != 2 or qweight.shape[1] == 0:
+        raise ValueError(f"qweight must be (out, in) with in > 0, got shape {tuple(qweight.shape)}")
+    _check("qweight", qweight, torch.int8)
+    _check("scale", scale, torch.float32, (qweight.shape[0],))
+    return _quant_linear("int8_linear", x, qweight.shape[1], qweight, scale, bias, out)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W.T (+ bias) with W stored as INT4, group-wise: w[o, i] = scales[o, i // group_size] * (nibble - 8).
+
+    Byte j of row o of qweight holds input 2j in its low nibble and 2j + 1 in its high nibble. x is quantized as
+    for int8_linear; the result is nanovllm.layers.quant_reference.int4_linear_reference's up to float32 rounding.
+
+    Args:
+        x: (..., in) float32 activations, contiguous.
+        qweight: (out, in // 2) uint8, contiguous, two weights a byte.
+        scales: (out, in // group_size) float32.
+        group_size: 32, 64 or 128; in must be a multiple of it.
+        bias: optional (out,) float32.
+        out: optional (..., out) float32 tensor to write into.
+    Returns:
+        (..., out) float32.
+    """
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if qweight.dim() != 2 or qweight.shape[1] == 0:
+        raise ValueError(f"qweight must be (out, in // 2) with in > 0, got shape {tuple(qweight.shape)}")
+    _check("qweight", qweight, torch.uint8)
+    in_features = 2 * qweight.shape[1]
+    if in_features % group_size:
+        raise ValueError(f"in ({in_features}, twice qweight's columns) must be a multiple of group_size {group_size}")
+    _check("scales", scales, torch.float32, (qweight.shape[0], in_features // group_size))
+    return _quant_linear("int4_linear", x, in_features, qweight, scales, bias, out, group_size)
