@@ -22,6 +22,12 @@ class Task:
     def message(self) -> str:
         return f"{self.chapter} task {self.number}: {self.summary}"
 
+    @property
+    def hint(self) -> str:
+        """What a failing test of this task most likely means (HINTS below), or where to read more."""
+        where = self.exercise_module.replace(".", "/") + ".py"
+        return HINTS.get((self.chapter, self.number), f"read the docstring of {self.name} in {where}")
+
 
 TASKS: dict[str, list[Task]] = {
     "ch01": [
@@ -92,4 +98,69 @@ TASKS: dict[str, list[Task]] = {
         Task("ch07", 2, "quantize_int4", "nanovllm.layers.quantization", "INT4 per group, two values a byte"),
         Task("ch07", 3, "QuantLinear.forward", "nanovllm.layers.quantization", "a quantized linear layer's forward"),
     ],
+}
+
+
+# One line per task, from the pitfalls its worked solution lists (solutions/chNN.md, "Task N"), for the summary
+# `pytest --impl=exercises` prints when a task's test fails: a tensor mismatch alone does not say what to look at.
+HINTS: dict[tuple[str, int], str] = {
+    ("ch01", 1): "RMSNorm is not LayerNorm: no mean subtracted, no bias; mean (not sum: that shrinks by sqrt(D)) of "
+    "x**2 over the last dim with keepdim=True, in float32, cast back to x's dtype before the weight",
+    ("ch01", 2): "rotate-half pairs channel j with j + D/2, not neighbours (0,1); and the sign: cat(-x2, x1), "
+    "not cat(x2, -x1), which rotates backwards",
+    ("ch01", 3): "the gate goes through SiLU: silu(gate) * up (sigmoid(gate) * up is GLU); "
+    "no in-place ops on the inputs",
+    ("ch01", 4): "k.repeat tiles the heads (0,1,0,1): query head h must read KV head h // group (repeat_interleave); "
+    "mask with -inf before the softmax, keeping the lower triangle (tril, not triu)",
+    ("ch01", 5): "temperature 0 is argmax; else softmax(logits / temperature), then torch.multinomial(probs, 1, "
+    "generator=generator): the generator you are given, probabilities not logits",
+    ("ch01", 6): "check max_tokens and EOS after appending the new token (before gives max_tokens + 1 or drops the "
+    "EOS); pass the generator through to sample_token",
+    ("ch02", 1): "k_cache[:, positions] writes every row's positions into every row: index with (rows, positions), "
+    "rows = arange(B)[:, None] on k's device; a slice assumes all rows share positions (false from the first decode)",
+    ("ch02", 2): "a query at position p sees slots s <= p (< hides each token from itself: NaN); True means attend; a "
+    "square tril only fits a prefill from position 0",
+    ("ch02", 3): "pad on the right; every row's positions run 0..T-1 (padding at position 0 or a repeated position "
+    "writes its K/V over a real token's); pad_id must be a valid vocabulary id",
+    ("ch02", 4): "at prefill sample each row at its last real token (lengths - 1), not hidden[:, -1]; generators[b] "
+    "per row; cache.begin_step before every forward; never sample a finished row again",
+    ("ch03", 1): "chain it: hash((prev_hash, tuple(token_ids))), so equal tokens after different prefixes get "
+    "different keys; a tuple, not a list (unhashable) or a str (hashed differently per process)",
+    ("ch03", 2): "claim the cache hits (an idle hit leaves the free list) before taking fresh blocks; call "
+    "cached_prefix once; num_cached_tokens counts the hit blocks' tokens, never the whole prompt",
+    ("ch03", 3): "a new block only when len(seq) > len(block_table) * block_size (>, not >=); a shared last block is "
+    "copied on write: drop one reference (do not free it) and return (shared id, fresh id)",
+    ("ch03", 4): "a block whose count reaches 0 goes to the back of the free list (append, not appendleft) and keeps "
+    "its hash; never free a block already at 0",
+    ("ch03", 5): "slot = block_table[p // block_size] * block_size + p % block_size: look the block up in the table "
+    "and scale its id by the block size",
+    ("ch03", 6): "cache[block_tables] is (B, max_blocks, block_size, Hkv, D): merge dims 1 and 2 only; with out "
+    "given, write into it (index_select(..., out=out))",
+    ("ch04", 1): "advance num_computed_tokens by the n scheduled tokens; allocate before computing a new sequence's n; "
+    "append_slot for every decode; commit; preempt the newest; iterate over a copy of self.running",
+    ("ch04", 2): "remove it from running, block_manager.free(seq) (keeps the hashes, resets num_computed_tokens), "
+    "status WAITING, and waiting.appendleft: the front; keep its generated tokens",
+    ("ch04", 3): "per-row k: k <= 0 means V, clamp to V, the threshold is the sorted row's column k - 1; remove "
+    "logits < kth (<= also removes the k-th itself)",
+    ("ch04", 4): "remove a token when the mass *before* it reaches top_p[:, None] (cumsum > top_p drops the token that "
+    "crosses p); scatter the decision back through the sort order",
+    ("ch04", 5): "compare probabilities, not logits: drop softmax probs < min_p[:, None] * the row's largest prob",
+    ("ch05", 1): "m_new = maximum(m, max of the tile), not the tile's max alone; alpha = exp2(m - m_new) from the old "
+    "m, rescaling both l and acc; tl.exp2, not tl.exp (the scores are in base 2); p.to(v.dtype) for tl.dot",
+    ("ch05", 2): "look each position's block up in the table; load with mask=ok and make masked scores -inf (a masked "
+    "K loads as 0, a score of 0); add kvh * D; start the loop at start, not 0",
+    ("ch05", 3): "weight each split by exp2(m[j] - max m) before summing acc and l over axis 0, the splits; averaging "
+    "acc[j] / l[j] weighs every split the same",
+    ("ch06", 1): "the first bucket with size >= batch_size (> sends a batch of 4 to the bucket of 8), None when none "
+    "holds it; the buckets need not be powers of 2",
+    ("ch06", 2): "write into the buffers (buffers.slots[:n] = ..., never rebind them); zero the block tables past "
+    "width; padding rows n:bucket get context_lens 1 and slot -1; leave rows past the bucket alone",
+    ("ch06", 3): "q is Hq*D wide, k and v Hkv*D each, in that order: chunk(3) is right only without grouped-query "
+    "attention; slice the last dimension, then view (B, T, heads, D)",
+    ("ch07", 1): "one scale per output row: w.abs().amax(dim=1) / 127 (abs, and dim 1, not 0); torch.round before the "
+    "cast, clamp to [-127, 127], guard all-zero rows (0 / 0 is NaN); scale shape (out,)",
+    ("ch07", 2): "groups of consecutive inputs: view(out, in // group_size, group_size); round, clamp, add 8 in int16, "
+    "then pack input 2j in the low nibble and 2j + 1 in the high one; guard all-zero groups",
+    ("ch07", 3): "reshape x to (M, in) float32 contiguous first; the kernels add the bias, only the dequantized path "
+    "adds self.bias; x @ dequantized().T; cast back to x.dtype; kernels only for CPU tensors",
 }

@@ -57,9 +57,10 @@ class SamplingParams:
         if self.seed is not None:
             _integer("seed", self.seed, low=0, high=SEED_END)
         _integer("top_k", self.top_k, low=-1, high=INT32_END)
-        _number("top_p", self.top_p, low=0.0, high=1.0)
-        if self.top_p == 0.0:
-            raise ValueError("top_p must be in (0, 1], got 0 (use temperature=0 for greedy)")
+        _number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:  # 0 is excluded: an empty nucleus
+            greedy = " (use temperature=0 for greedy)" if self.top_p == 0.0 else ""
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}{greedy}")
         _number("min_p", self.min_p, low=0.0, high=1.0)
         _number("repetition_penalty", self.repetition_penalty, low=MIN_REPETITION_PENALTY, high=MAX_REPETITION_PENALTY)
         _number("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)

@@ -30,6 +30,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for n in range(1, 10):
         config.addinivalue_line("markers", f"task{n}: exercise task {n} of its chapter (-m 'ch02 and task{n}')")
+    if config.getoption("--impl") == "exercises":
+        config.pluginmanager.register(ExerciseFeedback(), "exercise-feedback")
+        if config.option.tbstyle == "auto":  # a learner's failure: the line and the error, not the stub's docstring
+            config.option.tbstyle = "short"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,10 +42,88 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "impl" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.exercise)
         # test_taskN_... (and test_tasksNtoM_...) carry the marker taskN, so -m "ch01 and task2" selects a task
-        if match := re.match(r"test_tasks?(\d+)(?:to(\d+))?_", item.name):
-            first, last = int(match[1]), int(match[2] or match[1])
-            for n in range(first, last + 1):
-                item.add_marker(getattr(pytest.mark, f"task{n}"))
+        for n in task_numbers(item.name):
+            item.add_marker(getattr(pytest.mark, f"task{n}"))
+
+
+def task_numbers(test_name: str) -> range:
+    """The tasks a test checks, from its name: test_task2_... is task 2, test_tasks3to5_... tasks 3 to 5."""
+    match = re.match(r"test_tasks?(\d+)(?:to(\d+))?_", test_name)
+    return range(int(match[1]), int(match[2] or match[1]) + 1) if match else range(0)
+
+
+class ExerciseFeedback:
+    """Under --impl=exercises: run only the exercise tests, and end with one line per task (done, not yet, failing),
+    with a hint from the worked solutions for a failing one (HINTS in exercises/tasks.py)."""
+
+    def __init__(self) -> None:
+        self.deselected = 0
+        self.tasks: dict[str, tuple[str, range]] = {}  # test id -> (chapter, its tasks; empty: several together)
+        self.outcomes: dict[str, set[str]] = {}  # test id -> the outcomes of its phases (setup, call, teardown)
+        self.errors: dict[str, list[str]] = {}  # test id -> the error of each failed phase
+
+    # trylast: after -m and -k have chosen, so the note counts only what this command would have run
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        reference_only = [item for item in items if not item.get_closest_marker("exercise")]
+        if reference_only:
+            config.hook.pytest_deselected(items=reference_only)
+            items[:] = [item for item in items if item.get_closest_marker("exercise")]
+        self.deselected = len(reference_only)
+        for item in items:
+            name = getattr(item, "originalname", None) or item.name  # without the [parameters]
+            self.tasks[item.nodeid] = (item.module.CHAPTER, task_numbers(name))
+
+    def pytest_report_collectionfinish(self) -> str | None:
+        if not self.deselected:
+            return None
+        return (
+            f"--impl=exercises: running the exercise tests only; {self.deselected} test{'s' * (self.deselected > 1)} "
+            "of the reference code alone deselected (run those without --impl)"
+        )
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.nodeid in self.tasks:
+            self.outcomes.setdefault(report.nodeid, set()).add(report.outcome)
+            if report.failed:
+                crash = getattr(report.longrepr, "reprcrash", None)  # the error line, whatever --tb says
+                self.errors.setdefault(report.nodeid, []).append(crash.message if crash else str(report.longrepr))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        from exercises.tasks import TASKS
+
+        groups: dict[tuple[str, int], list[str]] = {}  # (chapter, task number; 0: several together) -> test ids
+        for nodeid, (chapter, numbers) in self.tasks.items():
+            if nodeid in self.outcomes:  # it ran (-x or Ctrl-C may end a run early)
+                for n in numbers or [0]:
+                    groups.setdefault((chapter, n), []).append(nodeid)
+        if groups:
+            terminalreporter.section("exercise tasks", sep="-")
+        for (chapter, n), nodeids in sorted(groups.items(), key=lambda group: (group[0][0], group[0][1] or 99)):
+            task = next((t for t in TASKS[chapter] if t.number == n), None)
+            status, hint = self.status(nodeids, task)
+            label = f"{chapter} task {n} {task.name}" if task else f"{chapter} tasks together"
+            terminalreporter.write_line(f"{label}: {status}")
+            if hint:
+                terminalreporter.write_line(f"    hint: {hint}")
+
+    def status(self, nodeids: list[str], task) -> tuple[str, str]:
+        """done, not yet (a stub still raises NotImplementedError), failing (with a hint) or skipped."""
+        failed = [i for i in nodeids if i in self.errors]
+        if not failed:
+            return ("skipped" if all(self.outcomes[i] == {"skipped"} for i in nodeids) else "done"), ""
+        errors = [e for i in failed for e in self.errors[i]]
+        if all("NotImplementedError" in e for e in errors):
+            # the stub of this task, or of a task it calls (ch01 task 6 samples with task 5's sample_token)
+            stubs = {m[0] for e in errors for m in re.finditer(r"ch\d\d task \d+", e)}
+            if not stubs or (task is not None and f"{task.chapter} task {task.number}" in stubs):
+                return "not yet (NotImplementedError)", ""
+            return f"not yet (waits for {', '.join(sorted(stubs))})", ""
+        count = f"failing ({len(failed)} of {len(nodeids)} tests)"
+        if task is None:
+            return count, "these run the engine on all your functions: make each task pass first (-k taskN)"
+        solution = f"solutions/{task.chapter}.md"
+        return count, task.hint + (f" (more: {solution}, Task {task.number})" if (ROOT / solution).exists() else "")
 
 
 def shared_path(relative: str) -> Path:
@@ -50,7 +132,10 @@ def shared_path(relative: str) -> Path:
     if not path.exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{path} is missing, and CI must have ../shared")
-        pytest.skip(f"{path} is absent (a clone without ../shared): this test needs the shared stories260K model")
+        pytest.skip(
+            f"{path} is absent (a clone without ../shared): this test needs the shared stories260K model "
+            "(README.md, Contributing, says how to get it)"
+        )
     return path
 
 

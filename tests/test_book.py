@@ -133,3 +133,69 @@ def test_book_builds_strictly_without_warnings(tmp_path):
     pages = ["index.html"] + [f"{c}/index.html" for c in chapters] + [f"solutions/{c}/index.html" for c in chapters]
     for page in pages + [f"notebooks/{nb.stem}/index.html" for nb in NOTEBOOKS]:
         assert (tmp_path / "site" / page).is_file(), page
+    # no nbval tag above a notebook's cells (book/hooks.py), and every page gets book/code-scroll.css
+    for notebook in NOTEBOOKS:
+        html = (tmp_path / "site" / "notebooks" / notebook.stem / "index.html").read_text(encoding="utf-8")
+        assert 'class="cell-tag">nbval-' not in html, notebook.name
+    assert 'href="code-scroll.css"' in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+
+
+CHAPTER_PACKAGES = sorted(p.name for p in (ROOT / "chapters").glob("ch[0-9][0-9]_*") if (p / "__init__.py").is_file())
+TO_COME = re.compile(r"\bto come\b(?! back)", re.I)  # "the page to come back to" is not a promise
+
+
+@pytest.mark.parametrize("page", ["README.md", "book/index.md", "book/how-to-use.md"])
+def test_no_page_says_a_chapter_is_to_come(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    assert not TO_COME.search(text), f"{page}: {TO_COME.search(text).group()!r}: say what exists"
+
+
+@pytest.mark.parametrize("page", ["README.md", "book/index.md"])
+def test_every_chapter_package_has_a_row_in_the_course_table(page):
+    rows = [line for line in (ROOT / page).read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    assert len(CHAPTER_PACKAGES) >= 7
+    for package in CHAPTER_PACKAGES:
+        row = next((r for r in rows if f"`chapters.{package}`" in r), None)
+        assert row, f"{page}: the course table has no row for chapters.{package}"
+        assert row.split("|")[1].strip() == str(int(package[2:4])), row
+
+
+def test_readme_says_how_to_get_stories260k():
+    """The tests that skip without ../shared/models/stories260K: the README says where it comes from and which files
+    go there (every file a test reads from it)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "../shared/models/stories260K" in readme
+    assert "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/" in readme
+    others = [path for path in (ROOT / "tests").glob("test_*.py") if path.name != "test_book.py"]  # not this regex
+    tests = "".join(path.read_text(encoding="utf-8") for path in others)
+    read = set(re.findall(r'stories260k / "([^"]+)"', tests)) | {"stories260K.bin", "tok512.bin"}
+    assert read <= set(re.findall(r"[\w.]+\.(?:bin|model|md)\b", readme)), read
+
+
+def test_notebook_pages_hide_the_nbval_tags_and_keep_others():
+    def toolbar(*tags: str) -> str:  # the HTML mkdocs-jupyter writes above a tagged cell
+        return (
+            '<div class="celltoolbar">\n'
+            + "".join(
+                '<div class="button_container tags_button_container">\n<span class="tag-container">\n'
+                f'<span class="cell-tag">{tag}</span>\n</span>\n</div>\n'
+                for tag in tags
+            )
+            + "</div>\n"
+        )
+
+    code = '<div class="CodeMirror cm-s-jupyter">x = 1</div>'
+    assert hooks.strip_nbval_tags(toolbar("nbval-ignore-output") + code) == code
+    kept = hooks.strip_nbval_tags(toolbar("nbval-ignore-output", "slow") + code)
+    assert 'class="cell-tag">slow<' in kept and "nbval" not in kept
+
+
+def test_wide_code_listings_scroll_visibly_and_the_readme_build_silences_the_banner():
+    extra_css = re.search(r"^extra_css:\n((?:  - .*\n)+)", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.M)
+    assert extra_css, "mkdocs.yml: no extra_css"
+    sheets = [line.split("#")[0].strip()[2:] for line in extra_css[1].splitlines()]
+    css = "".join((ROOT / "book" / sheet).read_text(encoding="utf-8") for sheet in sheets)
+    assert ".md-typeset pre > code" in css and "overflow-x: auto" in css
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "NO_MKDOCS_2_WARNING=1 mkdocs build --strict" in readme
+    assert "export NO_MKDOCS_2_WARNING=1" in (ROOT / "tools" / "test_all.sh").read_text(encoding="utf-8")
