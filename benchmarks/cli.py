@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import BenchError, models
-from benchmarks.engines import canonical_name, check_engine, engine_options, known_engines, literal, parse_option
+from benchmarks.engines import (
+    canonical_name,
+    check_engine,
+    engine_options,
+    inline_options,
+    known_engines,
+    literal,
+    parse_option,
+    split_inline,
+    split_top_level,
+)
 from benchmarks.models import MODELS, cache_dir, check_model
 from benchmarks.workloads import WORKLOADS, get_spec
 
@@ -39,8 +49,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument(
         "--engines",
         default="all",
-        help="comma-separated: ch01, ch02, ..., transformers, llama.cpp, or chNN@REF (chapter NN at git commit "
-        "REF, in its own process); 'all' = every chapter that exists + transformers (+ llama.cpp)",
+        help="comma-separated: ch01, ch02, ..., transformers, llama.cpp, llama.cpp-TYPE (a quantized GGUF: q8_0, "
+        "q4_0, ...), or chNN@REF (chapter NN at git commit REF, in its own process); ENGINE[KEY=VALUE,...] runs an "
+        "engine with options of its own, so one engine can run twice (ch07,ch07[quantization=int8]); "
+        "'all' = every chapter that exists + transformers (+ llama.cpp)",
     )
     p.add_argument(
         "--baseline",
@@ -127,7 +139,7 @@ def settings_from_args(args: argparse.Namespace, log=lambda m: print(m, file=sys
     from benchmarks.runner import Settings
 
     check_model(args.model)
-    engines = [canonical_name(e) for e in args.engines.split(",") if e.strip()]
+    engines = [canonical_name(e) for e in split_top_level(args.engines)]  # commas inside ENGINE[...] stay
     if engines == ["all"]:
         engines = known_engines()
     if not engines:
@@ -135,6 +147,10 @@ def settings_from_args(args: argparse.Namespace, log=lambda m: print(m, file=sys
     for name in engines:
         check_engine(name)
     opts = engine_options(args.engine_opt)
+    for name in engines:  # ch07[k=v]: the engine's own options (ch07:...), then the name's, then its --engine-opt
+        if inline_options(name):
+            plain = split_inline(name)[0]
+            opts[name] = {**opts.get(plain, {}), **inline_options(name), **opts.get(name, {})}
     wl_opts = {}
     for text in args.workload_opt:
         key, eq, value = text.partition("=")
@@ -183,6 +199,8 @@ def list_all() -> str:
     lines += ["  batch-N          N requests, prompt 64, 64 new tokens, submitted together"]
     lines += ["engines here: " + ", ".join(known_engines())]
     lines += ["  chNN@REF         chapter NN at git commit REF (a branch, tag, HEAD~1, ...), in its own process"]
+    lines += ["  llama.cpp-TYPE   llama.cpp on a GGUF of that type: q8_0, q4_0, f16, ... (llamacpp-q8_0 works too)"]
+    lines += ["  ENGINE[K=V,...]  an engine with options of its own, e.g. ch07[quantization=int8] beside ch07"]
     return "\n".join(lines)
 
 

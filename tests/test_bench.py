@@ -350,6 +350,115 @@ def test_breakdown_parts_add_up_and_count_passes(capsys, tmp_path):
     assert set(saved["engines"]) == {"ch03", "ch04"} and "| ch03 / ch04 |" in (tmp_path / "breakdown.md").read_text()
 
 
+def test_breakdown_splits_a_decode_step_into_parts_that_add_up_and_puts_host_time_in_host():
+    """decode-1's step split: weight reads + matmuls over the roofline + attention + host = the step time; a sleep
+    injected into the engine's host code (before each step, outside the model) lands in host, and nowhere else."""
+    from benchmarks import breakdown
+
+    class SlowHost(Engine):
+        """A chapter engine that sleeps in host code at every step, as slow Python would."""
+
+        def __init__(self, inner: Engine, seconds: float):
+            self.inner, self.llm, self.seconds = inner, inner.llm, seconds
+
+        def run(self, requests):
+            step = self.llm.step
+
+            def slow_step():
+                time.sleep(self.seconds)
+                return step()
+
+            self.llm.step = slow_step
+            try:
+                return self.inner.run(requests)
+            finally:
+                del self.llm.step
+
+    model = resolve_model(str(TINY))
+    w = make_workload(get_spec("decode-1").with_options(output_len=24), model.vocab_size, model.max_model_len)
+    engine = create_engine("ch06", model, "cpu", "float32", {}, {"max_model_len": 64})
+    engine.run(w.requests)  # warm-up
+    plain = breakdown.breakdown(engine, w.requests)
+    # 24 passes: the prompt, then 23 decodes of which the last has no next pass to end it
+    assert plain["forward_passes"] == 24 and len(plain["decode_steps"]) == 22
+    linears = {
+        m.weight.data_ptr(): m.weight.nbytes for m in engine.llm.model.modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert plain["weight_bytes"] == sum(linears.values()), "every matrix a step multiplies by, the tied lm_head once"
+    unfused = create_engine("ch05", model, "cpu", "float32", {}, {"max_model_len": 64})
+    assert breakdown.breakdown(unfused, w.requests[:1])["weight_bytes"] == plain["weight_bytes"], "fusing reads as much"
+    split = breakdown.split_step(plain["decode_steps"], plain["weight_bytes"], read_bytes_s=20e9)
+    assert sum(split[p] for p in breakdown.STEP_PARTS) == pytest.approx(split["step"], rel=1e-9)
+    assert split["reads"] == pytest.approx(plain["weight_bytes"] / 20e9 * 1e3)
+    assert split["reads"] + split["over_roofline"] == pytest.approx(split["matmuls"])
+    assert 0 < split["step"] * 22 / 1e3 < plain["wall_s"], "the steps lie inside the run"
+    assert all(split[p] > 0 for p in ("matmuls", "attention", "host"))
+
+    sleep_ms = 5.0
+    slow = breakdown.breakdown(SlowHost(engine, sleep_ms / 1e3), w.requests)
+    slow_split = breakdown.split_step(slow["decode_steps"], slow["weight_bytes"], read_bytes_s=20e9)
+    assert sum(slow_split[p] for p in breakdown.STEP_PARTS) == pytest.approx(slow_split["step"], rel=1e-9)
+    assert 0.9 * sleep_ms < slow_split["host"] - split["host"] < sleep_ms + 3, (split, slow_split)
+    for part in ("matmuls", "attention"):
+        assert abs(slow_split[part] - split[part]) < 1.0, (part, split, slow_split)
+    # in this thread's CPU time (--clock cpu) a sleep is no work: it does not show
+    cpu = breakdown.breakdown(SlowHost(engine, sleep_ms / 1e3), w.requests, clock=time.thread_time)
+    cpu_split = breakdown.split_step(cpu["decode_steps"], cpu["weight_bytes"], read_bytes_s=20e9)
+    assert cpu_split["host"] < split["host"] + sleep_ms / 2, (split, cpu_split)
+    assert "step" not in vars(engine.llm), "the engine is as it was"
+
+
+def test_breakdown_command_prints_and_saves_the_decode_step_table(capsys, tmp_path):
+    from benchmarks import breakdown
+
+    argv = ["--model", str(TINY), "--workload", "decode-1", "--engines", "ch05,ch06", "--threads", "1"]
+    assert breakdown.main([*argv, "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| engine | step ms | weight reads at " in table and "| ch05 − ch06 |" in table
+    saved = json.loads((tmp_path / "breakdown.json").read_text())
+    assert saved["read_bandwidth_bytes_s"] > 1e8 and "| ch06 |" in (tmp_path / "breakdown.md").read_text()
+    step = saved["engines"]["ch06"]["decode_step_ms"]
+    assert sum(step[p] for p in breakdown.STEP_PARTS) == pytest.approx(step["step"])
+    assert step["untimed_step"] > 0 and step["weight_bytes"] > 0 and len(step["step_per_round"]) == 1
+
+
+def test_read_bandwidth_and_chapter_6_graph_info():
+    from benchmarks.measure import read_bandwidth
+
+    assert read_bandwidth(mib=16, repeats=2) > 1e8  # bytes/s: any machine reads faster than 100 MB/s
+    model = resolve_model(str(TINY))
+    engine = create_engine("ch06", model, "cpu", "float32", {"enforce_eager": False}, {"max_model_len": 64})
+    graphs = engine.info()["decode_graphs"]
+    assert graphs["buckets"][:4] == [1, 2, 4, 8] and graphs["captured"] == []  # a CPU replays eagerly: no graphs
+    assert graphs["capture_seconds"] is None and graphs["graph_memory_bytes"] is None
+    assert "decode_graphs" not in create_engine("ch05", model, "cpu", "float32", {}).info()
+    assert get_spec("decode-8").num_requests == 8 and get_spec("decode-8").output_len == (256, 256)
+
+
+def test_gpu_sh_prints_chapter_6_ratios_targets_and_graphs(tmp_path):
+    """The CUDA-graph section of benchmarks/gpu.sh reports from results.json: ratios, targets, graphs (made-up data)."""
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    assert "--workload decode-1,decode-8 --engines ch05,ch06 --baseline ch05" in script
+    report_py = script.split('"$PY" - "$OUT/cuda-graphs/results.json" <<\'EOF\'\n', 1)[1].split("\nEOF\n", 1)[0]
+    rows = {"ch05": {"output_tok_s": 100.0}, "ch06": {"output_tok_s": 250.0}}
+    rows["ch06"].update(ratio_vs_baseline=2.5, same_tokens_as_baseline=1.0)
+    eight = {"ch05": {"output_tok_s": 800.0}, "ch06": {"output_tok_s": 960.0}}
+    eight["ch06"].update(ratio_vs_baseline=1.2, same_tokens_as_baseline=1.0)
+    graphs = {"buckets": [1, 2], "captured": [1, 2], "capture_seconds": 3.5, "graph_memory_bytes": 64 * 2**20}
+    results = {
+        "workloads": {"decode-1": {"engines": rows}, "decode-8": {"engines": eight}},
+        "engines": {"ch05": {}, "ch06": {"decode_graphs": graphs}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    run = subprocess.run(
+        [sys.executable, "-", str(tmp_path / "results.json")], input=report_py, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "decode-1: ch05 100.0, ch06 250.0 tok/s: 2.50x (target >= 2.0x) PASS" in run.stdout
+    assert "decode-8: ch05 800.0, ch06 960.0 tok/s: 1.20x (target >= 1.3x) FAIL" in run.stdout
+    assert "2 graphs (batch sizes [1, 2]) captured in 3.50 s, graph memory 64 MiB" in run.stdout
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -445,3 +554,116 @@ def test_a_chapter_at_a_commit_takes_the_chapters_options_then_its_own():
     s = Settings(engines=["ch04@HEAD"], sweeps={"ch04@HEAD": ("a", [1, 2])})
     assert [display for display, _, _ in plan_engines(s)] == ["ch04@HEAD[a=1]", "ch04@HEAD[a=2]"]
     assert cli.parse_sweep("ch04@HEAD:a=1,2") == ("ch04@HEAD", "a", [1, 2])
+
+
+def test_an_engine_can_run_twice_with_options_of_its_own():
+    """ENGINE[KEY=VALUE,...] in --engines: the same chapter beside itself with other options (ch07 in fp32, int8,
+    int4), named as a --sweep names its variants; commas inside the brackets do not split the list."""
+    from benchmarks.engines import engine_base, inline_options, split_top_level
+
+    assert split_top_level("ch04, ch07[a=1,b=(2,3)],,llamacpp") == ["ch04", "ch07[a=1,b=(2,3)]", "llamacpp"]
+    assert canonical_name("ch07_quantization [quantization=int8, quantize_lm_head=False]") == (
+        "ch07[quantization=int8,quantize_lm_head=False]"
+    )
+    assert inline_options("ch07[quantization=int4-g64,kv_cache_memory=2e8]") == {
+        "quantization": "int4-g64",
+        "kv_cache_memory": 2e8,
+    }
+    assert engine_base("ch07@HEAD[quantization=int8]") == "ch07@HEAD" and inline_options("ch07") == {}
+    for bad in ("ch07[quantization]", "ch07[=int8]"):
+        with pytest.raises(BenchError, match="not KEY=VALUE"):
+            check_engine(bad)
+    engines = "ch04,ch04[max_num_batched_tokens=32],ch04[max_num_batched_tokens=64,seed=1]"
+    argv = ["--model", str(TINY), "--engines", engines, "--engine-opt", "ch04:seed=0", "--threads", "1"]
+    s = cli.settings_from_args(
+        cli.build_parser().parse_args([*argv, "--engine-opt", "ch04[max_num_batched_tokens=64,seed=1]:x=2"])
+    )
+    # the chapter's own options (ch04:...), then the name's, then the name's --engine-opt
+    assert plan_engines(s) == [
+        ("ch04", "ch04", {"seed": 0}),
+        (
+            "ch04[max_num_batched_tokens=32]",
+            "ch04[max_num_batched_tokens=32]",
+            {"seed": 0, "max_num_batched_tokens": 32},
+        ),
+        (
+            "ch04[max_num_batched_tokens=64,seed=1]",
+            "ch04[max_num_batched_tokens=64,seed=1]",
+            {"seed": 1, "max_num_batched_tokens": 64, "x": 2},
+        ),
+    ]
+
+
+def test_two_variants_of_one_chapter_run_in_one_benchmark(tmp_path):
+    """End to end: a chapter and the same chapter with an option of its own, measured side by side."""
+    argv = ["--model", str(TINY), "--workload", "mixed-small", "--engines", "ch04,ch04[max_num_batched_tokens=16]"]
+    argv += ["--workload-opt", "output_len=(3,6)", "--workload-opt", "prompt_len=(2,9)", "--warmup", "2"]
+    argv += ["--repeats", "1", "--threads", "1", "--no-plots", "--no-bandwidth", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    variant = results["engines"]["ch04[max_num_batched_tokens=16]"]
+    assert variant["options"]["max_num_batched_tokens"] == 16
+    assert "max_num_batched_tokens" not in results["engines"]["ch04"]["options"]
+    assert (
+        results["workloads"]["mixed-small"]["engines"]["ch04[max_num_batched_tokens=16]"]["same_tokens_as_baseline"]
+        == 1.0
+    )
+
+
+def test_llamacpp_quantized_engine_names():
+    """llamacpp-q8_0, llama.cpp-Q4_0, ...: llama.cpp on a GGUF of that type, one name per type; unknown types fail
+    in one line, before anything runs, whether or not llama-cpp-python is installed."""
+    assert canonical_name("llamacpp-q8_0") == "llama.cpp-q8_0" and canonical_name("llama-cpp-Q4_0") == "llama.cpp-q4_0"
+    assert canonical_name("llamacpp-q4_k_m[pure=True]") == "llama.cpp-q4_K_M[pure=True]"
+    assert canonical_name("llamacpp") == "llama.cpp"
+    check_engine("llamacpp-q4_0")
+    with pytest.raises(BenchError, match="not a GGUF type.*q8_0, q4_0"):
+        check_engine("llamacpp-q9_9")
+    if not llamacpp_installed():
+        with pytest.raises(EngineUnavailable, match="not installed"):
+            create_engine("llamacpp-q4_0", resolve_model(str(TINY)), "cpu", "float32", {})
+
+
+def _gguf_header(tensors: list[tuple[str, int]]) -> bytes:
+    """A GGUF v3 header by hand: two metadata values (a string, an array of strings), then one 2-D tensor info per
+    (name, ggml type id)."""
+    import struct
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    kv = string("general.name") + struct.pack("<I", 8) + string("tiny")
+    kv += string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("bc")
+    body = b"".join(string(n) + struct.pack("<IQQIQ", 2, 64, 32, t, 0) for n, t in tensors)
+    return b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 2) + kv + body
+
+
+def test_gguf_tensor_types_are_read_from_the_header(tmp_path):
+    from benchmarks.llamacpp_engine import gguf_tensor_types
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf_header([("blk.0.attn_q.weight", 2), ("blk.0.ffn_up.weight", 2), ("output.weight", 14)]))
+    assert gguf_tensor_types(path) == {"q4_0": 2, "q6_K": 1}
+    path.write_bytes(b"not a gguf")
+    assert gguf_tensor_types(path) == {}
+
+
+def test_llamacpp_runs_quantized_gguf(tmp_path, monkeypatch):
+    """Where llama-cpp-python and its converter are here: q8_0 straight from the converter, q4_0 through llama.cpp's
+    quantizer (pure: every matrix q4_0), each cached and recorded in info()."""
+    if not llamacpp_installed():
+        pytest.skip("llama-cpp-python is not installed (optional)")
+    from benchmarks.llamacpp_engine import find_converter
+
+    if find_converter() is None:
+        pytest.skip("no convert_hf_to_gguf.py (set LLAMA_CPP_CONVERTER)")
+    monkeypatch.setenv("NANOVLLM_BENCH_CACHE", str(tmp_path))
+    model = resolve_model(str(TINY))
+    for name, kind in (("llamacpp-q8_0", "q8_0"), ("llamacpp-q4_0[pure=True]", "q4_0")):
+        engine = create_engine(name, model, "cpu", "float32", {})
+        info = engine.info()
+        assert info["outtype"] == kind and kind in info["gguf_tensor_types"] and str(tmp_path) in info["gguf"]
+        out = engine.run([Request([3, 4, 5, 6], 5)])
+        assert len(out.token_ids[0]) == 5 and len(out.ttft_s) == 1
+        engine.close()
+    assert info["pure"] and set(info["gguf_tensor_types"]) <= {"q4_0", "f32"}
