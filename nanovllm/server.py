@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request  # the serve extra; FastAPI reads the handlers' annotations from this module
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -28,6 +27,7 @@ from nanovllm.server_api import (
     finish_reason,
     sampling_params,
 )
+from nanovllm.server_logprobs import LogprobWriter, records_of
 from nanovllm.server_metrics import Metrics
 
 log = logging.getLogger("nanovllm.server")
@@ -42,6 +42,7 @@ class EngineLoop:
     def __init__(self, llm: LLMEngine):
         self.llm, self.metrics = llm, Metrics()
         self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.owners: dict[int, int] = {}  # a candidate the engine forked (best_of) -> the request it is of
         self.wake, self.stopping = threading.Event(), False
         self.thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
         self.thread.start()
@@ -52,7 +53,7 @@ class EngineLoop:
         with self.llm.lock:  # registered before the stepping thread can produce its first output
             rid = self.llm.add_request(prompt, params)
             self.queues[rid] = (asyncio.get_running_loop(), queue)
-        self.metrics.started(rid)
+            self.metrics.started(rid)
         self.wake.set()
         return rid, queue
 
@@ -60,12 +61,42 @@ class EngineLoop:
         """Forget a request: aborted at once if it still runs (a client that went away), its blocks back in the pool."""
         with self.llm.lock:
             self.queues.pop(rid, None)
+            for candidate in self.llm.groups.get(rid, [rid])[1:]:
+                self.owners.pop(candidate, None)
             self.llm.release(rid)
         self.metrics.ended(rid)
 
+    async def result(self, rid: int, queue: asyncio.Queue) -> dict:
+        """Wait until a request has finished, every candidate of it; then its result (the engine's result(): with
+        best_of, the n most likely under "outputs"), read before anyone releases it, plus "prompt_ids" and
+        "completion_tokens" (over all its candidates: each was generated, returned or not)."""
+        while True:
+            out = await queue.get()
+            if not out.finished:
+                continue
+            with self.llm.lock:
+                if self.llm._done(rid):  # the engine's own test: every candidate forked and finished
+                    members = [m for m in self.llm.groups.get(rid, [rid]) if m in self.llm.requests]
+                    tokens = sum(len(self.llm.requests[m].output_ids) for m in members)
+                    prompt = self.llm.requests[rid].prompt_ids
+                    return {**self.llm.result(rid), "prompt_ids": prompt, "completion_tokens": tokens}
+
+    def records(self, rid: int, start: int, count: int) -> list:
+        """The logprob records of a request's output tokens start .. start + count (the engine's thread appends
+        more as it steps: read under the lock, by position)."""
+        with self.llm.lock:
+            seq = self.llm.requests.get(rid)
+            return list(seq.token_logprobs[start : start + count]) if seq is not None else []
+
     def _deliver(self, out: StepOutput) -> None:
         self.metrics.token(out)
-        entry = self.queues.get(out.request_id)
+        rid = out.request_id
+        if rid not in self.queues and rid not in self.owners:  # a candidate forked this step: find its request
+            with self.llm.lock:  # (none: a request released meanwhile, whose last outputs go nowhere)
+                owner = next((r for r in self.queues if rid in self.llm.groups.get(r, ())), None)
+                if owner is not None:
+                    self.owners[rid] = owner
+        entry = self.queues.get(self.owners.get(rid, rid))
         if entry is not None:
             loop, queue = entry
             loop.call_soon_threadsafe(queue.put_nowait, out)
@@ -102,18 +133,6 @@ class EngineLoop:
         self.thread.join(timeout=5)
 
 
-async def outputs_of(loop: EngineLoop, rid: int, queue: asyncio.Queue) -> AsyncIterator[StepOutput]:
-    """A request's step outputs until it finishes; released whatever happens (a disconnect cancels the caller)."""
-    try:
-        while True:
-            out = await queue.get()
-            yield out
-            if out.finished:
-                return
-    finally:
-        loop.release(rid)
-
-
 def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
     """The FastAPI application serving `llm` under `model_name`."""
     engine = EngineLoop(llm)
@@ -148,8 +167,8 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         check_model(body, model_name)
         return body
 
-    async def run(request: Request, prompts: list, params: list[SamplingParams], chat: bool, body: dict):
-        """Submit every (prompt, choice) pair, then stream or collect their outputs."""
+    async def run(prompts: list, params: list[SamplingParams], chat: bool, body: dict):
+        """Submit every (prompt, parameters) pair, then stream or collect their outputs."""
         submitted = []
         try:
             for prompt, p in zip(prompts, params):
@@ -162,39 +181,35 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         created, rid0 = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": rid0, "object": kind, "created": created, "model": model_name}
-        prompt_tokens = sum(len(llm.requests[rid].prompt_ids) for rid, _ in submitted)
+        with llm.lock:
+            prompt_ids = [llm.requests[rid].prompt_ids for rid, _ in submitted]
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        logprobs = params[0].logprobs is not None
         if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            ids = bool(body.get("return_token_ids"))  # nanovllm's extension: each chunk's new token ids too
-            events = stream_events(engine, submitted, head, chat, usage, prompt_tokens, ids)
+            writers = [LogprobWriter(llm.tokenizer, ids, chat) if logprobs else None for ids in prompt_ids]
+            events = stream_events(engine, submitted, writers, head, chat, body, prompt_tokens)
 
             def release_all():  # runs after the stream ends or the client leaves (a generator left at a yield
                 for rid, _ in submitted:  # is only closed when it is garbage-collected)
                     engine.release(rid)
 
             return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release_all))
-        texts = [""] * len(submitted)
-        reasons: list[str | None] = [None] * len(submitted)
-        completion_tokens = 0
-        gens = [outputs_of(engine, rid, q) for rid, q in submitted]
-        try:
-            for i, gen in enumerate(gens):
-                async for out in gen:
-                    texts[i] += out.text
-                    completion_tokens += len(out.new_token_ids)
-                    if out.finished:
-                        reasons[i] = out.finish_reason
-                if reasons[i] == "error":
-                    raise APIError(500, "generation failed inside the engine", "server_error")
+        try:  # the queues fill meanwhile: waiting for one request after another costs nothing
+            results = [await engine.result(rid, queue) for rid, queue in submitted]
         finally:
-            for gen in gens:
-                await gen.aclose()  # a request not read to its end (an error, a disconnect) is aborted and released
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-             "finish_reason": finish_reason(r)} if chat else
-            {"index": i, "text": t, "logprobs": None, "finish_reason": finish_reason(r)}
-            for i, (t, r) in enumerate(zip(texts, reasons))
-        ]  # fmt: skip
+            for rid, _ in submitted:  # a request not waited to its end (an error, a disconnect) is aborted too
+                engine.release(rid)
+        choices = []
+        for result in results:
+            for r in result.get("outputs", [result]):  # best_of: the n most likely candidates, best first
+                if r["finish_reason"] == "error":
+                    raise APIError(500, "generation failed inside the engine", "server_error")
+                writer = LogprobWriter(llm.tokenizer, result["prompt_ids"], chat) if logprobs else None
+                lp = writer.write(r["token_ids"], records_of(r)) if writer else None
+                choice = {"index": len(choices), "logprobs": lp, "finish_reason": finish_reason(r["finish_reason"])}
+                choice |= {"message": {"role": "assistant", "content": r["text"]}} if chat else {"text": r["text"]}
+                choices.append(choice)
+        completion_tokens = sum(r["completion_tokens"] for r in results)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         usage["total_tokens"] = prompt_tokens + completion_tokens
         return JSONResponse({**head, "choices": choices, "usage": usage})
@@ -204,14 +219,14 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         body = await body_of(request)
         prompts = completion_prompts(body)
         params = sampling_params(body, chat=False)
-        return await run(request, [p for p in prompts for _ in params], params * len(prompts), False, body)
+        return await run([p for p in prompts for _ in params], params * len(prompts), False, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
         prompt = chat_prompt(body, llm.tokenizer)
         params = sampling_params(body, chat=True)
-        return await run(request, [prompt] * len(params), params, True, body)
+        return await run([prompt] * len(params), params, True, body)
 
     @app.get("/v1/models")
     async def models():
@@ -230,13 +245,17 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
 
 
 async def stream_events(
-    engine: EngineLoop, submitted, head: dict, chat: bool, include_usage: bool, prompt_tokens: int, token_ids: bool
+    engine: EngineLoop, submitted, writers: list, head: dict, chat: bool, body: dict, prompt_tokens
 ):
-    """Server-sent events: a chunk per step that made text, a last chunk with each choice's finish reason, [DONE].
+    """Server-sent events: a chunk per step that made text (or tokens, when their ids or logprobs were asked for),
+    a last chunk with each choice's finish reason, [DONE].
 
     If the client goes away, the generator is closed: its `finally` aborts and releases every request at once."""
     merged: asyncio.Queue = asyncio.Queue()
     index = {rid: i for i, (rid, _) in enumerate(submitted)}
+    sent = [0] * len(submitted)  # output tokens already streamed, per choice: where its next logprobs start
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    token_ids = bool(body.get("return_token_ids"))  # nanovllm's extension: each chunk's new token ids too
 
     async def forward(queue: asyncio.Queue):
         while not (out := await queue.get()).finished:
@@ -249,25 +268,25 @@ async def stream_events(
     try:
         if chat:
             for i in range(len(submitted)):
-                first = {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}  # fmt: skip
                 yield sse({**head, "object": kind, "choices": [first]})
         while open_choices:
             out = await merged.get()
-            completion_tokens += len(out.new_token_ids)
+            i, new = index[out.request_id], out.new_token_ids
+            completion_tokens += len(new)
             if out.finish_reason == "error":
                 yield sse({"error": {"message": "generation failed inside the engine", "type": "server_error"}})
-            if out.text or out.finished or (token_ids and out.new_token_ids):
+            if out.text or out.finished or ((token_ids or writers[i]) and new):
                 reason = finish_reason(out.finish_reason) if out.finished else None
-                choice = {"index": index[out.request_id], "logprobs": None, "finish_reason": reason}
+                records = engine.records(out.request_id, sent[i], len(new)) if writers[i] else None
+                choice = {"index": i, "logprobs": writers[i].write(new, records) if writers[i] else None}
+                choice["finish_reason"] = reason
                 choice |= {"delta": {"content": out.text}} if chat else {"text": out.text}
                 if token_ids:
-                    choice["token_ids"] = out.new_token_ids
+                    choice["token_ids"] = new
                 yield sse({**head, "object": kind, "choices": [choice]})
+            sent[i] += len(new)
             open_choices -= out.finished
         if include_usage:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # OpenAI's name -> SamplingParams' name; vLLM's extras (top_k, min_p, ...) are accepted the same way
 SAMPLING_FIELDS = {
@@ -78,19 +78,17 @@ def chat_prompt(body: dict, tokenizer) -> str | list[int]:
 
 
 def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
-    """One SamplingParams per choice (n of them; a seeded request's choices get seeds seed, seed + 1, ...)."""
+    """One SamplingParams per choice (n of them; a seeded request's choices get seeds seed, seed + 1, ...), or with
+    best_of > n, one that asks the engine for best_of candidates of which the n most likely are returned."""
     unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED)
     if unknown:
         raise APIError(400, f"unknown fields {unknown}", param=unknown[0])
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise APIError(400, "logprobs are not supported yet", param="logprobs")
     if body.get("echo"):
         raise APIError(400, "echo is not supported", param="echo")
     n = body.get("n", 1)
     if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
-    if body.get("best_of") not in (None, n):
-        raise APIError(400, "best_of is not supported yet (only best_of == n)", param="best_of")
+    best = best_of(body, n, chat)
     limit = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens", 16)
     options: dict[str, Any] = {
         ours: body[theirs] for theirs, ours in SAMPLING_FIELDS.items() if body.get(theirs) is not None
@@ -101,8 +99,11 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
         options["max_tokens"] = 256  # OpenAI: as long as the context allows; a bound keeps one request from hogging
     if isinstance(options.get("stop"), str):
         options["stop"] = [options["stop"]]
+    options["logprobs"] = logprobs(body, chat)
     seed = options.get("seed")
     try:
+        if best is not None:  # the engine's own candidates, sharing the prompt's KV blocks; the n best come back
+            return [SamplingParams(**options, n=n, best_of=best)]
         return [
             SamplingParams(**{**options, **({"seed": seed + i} if _is_int(seed) and n > 1 else {})}) for i in range(n)
         ]
@@ -110,6 +111,43 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
         names = (*SAMPLING_FIELDS, "max_tokens", "min_tokens")  # the boundary's messages start with the field's name
         param = next((f for f in names if str(e).startswith(f)), next((f for f in names if f in str(e)), None))
         raise APIError(400, str(e), param=param) from None
+
+
+def logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to return with each token's logprob (None: no logprobs). Completions: `logprobs`, an
+    integer; chat: `logprobs: true`, with `top_logprobs` alternatives (0 when absent)."""
+    if not chat:
+        if body.get("top_logprobs") is not None:
+            raise APIError(400, "top_logprobs is a chat parameter: completions take logprobs: an integer",
+                           param="top_logprobs")  # fmt: skip
+        k = body.get("logprobs")
+        if k is not None and not (_is_int(k) and 0 <= k <= MAX_LOGPROBS):
+            raise APIError(400, f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}", param="logprobs")
+        return k
+    wanted, k = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(400, f"logprobs must be true or false, got {wanted!r}", param="logprobs")
+    if k is not None:
+        if not (_is_int(k) and 0 <= k <= MAX_LOGPROBS):
+            raise APIError(400, f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}",
+                           param="top_logprobs")  # fmt: skip
+        if not wanted:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (k or 0) if wanted else None
+
+
+def best_of(body: dict, n: int, chat: bool) -> int | None:
+    """best_of, when it asks for more candidates than n (None otherwise: best_of == n is plain n)."""
+    best = body.get("best_of")
+    if best is None or best == n:
+        return None
+    if chat:
+        raise APIError(400, "best_of is a completions parameter (chat has n only)", param="best_of")
+    if not _is_int(best) or not n <= best <= MAX_CHOICES:
+        raise APIError(400, f"best_of must be an integer from n ({n}) to {MAX_CHOICES}, got {best!r}", param="best_of")
+    if body.get("stream"):  # which candidates come back is known only once all of them have finished
+        raise APIError(400, "best_of greater than n cannot be streamed", param="best_of")
+    return best
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -44,11 +44,17 @@ class Metrics:
             self.seen[rid] = (time.perf_counter(), None)
 
     def token(self, out) -> None:
+        """A step output. One of a request not started here (a best_of candidate the engine forked, or one already
+        released) adds its tokens to the count, and nothing else: a request's times are those of its first
+        candidate, and one released is not tracked again."""
         now = time.perf_counter()
         with self.lock:
             self.tokens += len(out.new_token_ids)
+            seen = self.seen.get(out.request_id)
+            if seen is None:
+                return
             self.finished += out.finished
-            submitted, last = self.seen.get(out.request_id, (now, now))
+            submitted, last = seen
             if out.new_token_ids:
                 self.ttft.observe(now - submitted) if last is None else self.tpot.observe(now - last)
                 self.seen[out.request_id] = (submitted, now)

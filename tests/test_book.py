@@ -199,3 +199,27 @@ def test_wide_code_listings_scroll_visibly_and_the_readme_build_silences_the_ban
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "NO_MKDOCS_2_WARNING=1 mkdocs build --strict" in readme
     assert "export NO_MKDOCS_2_WARNING=1" in (ROOT / "tools" / "test_all.sh").read_text(encoding="utf-8")
+
+
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def test_readme_and_the_course_guide_give_the_same_install_advice():
+    """Both tell a Linux CPU user to take torch, at the version the README's test command pins, from PyTorch's CPU
+    index, and both say what each extra of pyproject.toml brings. The test command itself stays as CI runs it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    guide = (ROOT / "book" / "how-to-use.md").read_text(encoding="utf-8")
+    command = re.search(r"<!-- test-command -->\n```bash\n(.+)\n```\n<!-- /test-command -->", readme)[1]
+    assert "--index-url" not in command  # CI's machine reaches PyPI only
+    pin = re.search(r"pip install (torch==[\w.]+)", command)[1]
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # (tomllib needs Python 3.11)
+    section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)^\[", pyproject, re.M | re.S)[1]
+    extras = re.findall(r"^([\w-]+) = \[", section, re.M)
+    assert len(extras) >= 6, extras
+    for name, text in (("README.md", readme), ("book/how-to-use.md", guide)):
+        torches = re.findall(r"pip install (torch[^\s`]*)(?: --index-url ([^\s`]+))?", text)
+        assert torches and {t for t, _ in torches} == {pin}, f"{name}: every torch install pins {pin}: {torches}"
+        assert (pin, CPU_INDEX) in torches, f"{name}: no `pip install {pin} --index-url {CPU_INDEX}`"
+        assert "Linux without an NVIDIA GPU" in text, name
+        missing = [extra for extra in extras if f"`.[{extra}]`" not in text]
+        assert not missing, f"{name}: says nothing of the extras {missing}"

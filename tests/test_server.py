@@ -80,6 +80,7 @@ def offline():
         params = SamplingParams(temperature=0, max_tokens=max_tokens, **options)
         return engine.generate([prompt], params, use_tqdm=False)[0]["text"]
 
+    answer.engine = engine  # for the whole result (logprobs, candidates)
     return answer
 
 
@@ -165,7 +166,11 @@ def test_models_health_and_metrics(server, client, llm):
         ('{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
         ('{"prompt": "hi", "top_p": 0}', 400, "top_p"),
         ('{"prompt": "hi", "n": 0}', 400, "n"),
-        ('{"prompt": "hi", "logprobs": 2}', 400, "logprobs"),
+        ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs"),
+        ('{"prompt": "hi", "logprobs": true}', 400, "logprobs"),
+        ('{"prompt": "hi", "top_logprobs": 2}', 400, "top_logprobs"),
+        ('{"prompt": "hi", "n": 2, "best_of": 1}', 400, "best_of"),
+        ('{"prompt": "hi", "best_of": 2, "stream": true}', 400, "best_of"),
         ('{"prompt": "hi", "bogus": 1}', 400, "bogus"),
         ('{"prompt": "hi", "stop": 7}', 400, "stop"),
         ('{"prompt": "hi", "seed": -3}', 400, "seed"),
@@ -266,3 +271,87 @@ def test_chat_against_a_running_server(server, offline):
     out = io.StringIO()
     assert run_chat(chat_args(url=server.url, api_key=KEY), io.StringIO("Hello\n"), out) == 0
     assert offline("user: Hello\nassistant:", 8) in out.getvalue()
+
+
+# ---- logprobs and best_of --------------------------------------------------------------------------------
+
+
+def test_greedy_logprobs_equal_the_offline_engines(client, offline):
+    """The server's logprobs, in both OpenAI shapes, are the offline engine's output()["logprobs"]; token strings
+    are each id decoded alone."""
+    from nanovllm import SamplingParams
+
+    def want(prompt, k):
+        params = SamplingParams(temperature=0, max_tokens=8, logprobs=k)
+        return offline.engine.generate([prompt], params, use_tqdm=False)[0]
+
+    decode = offline.engine.tokenizer.decode
+    w = want("Once upon a time", 3)
+    r = client.completions.create(
+        model="tiny-llama", prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3
+    )
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e["logprob"] for e in w["logprobs"]], abs=1e-5)
+    assert lp.tokens == [decode([t]) for t in w["token_ids"]]
+    assert [list(d) for d in lp.top_logprobs] == [
+        list(dict.fromkeys(decode([t]) for t, _ in e["top"])) for e in w["logprobs"]
+    ]
+    assert all(1 <= len(d) <= 3 for d in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] <= len(r.choices[0].text)
+    w = want("user: Hello there\nassistant:", 2)
+    r = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "Hello there"}],
+                                       max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in w["logprobs"]], abs=1e-5)
+    assert [[a.token for a in c.top_logprobs] for c in content] == [
+        [decode([t]) for t, _ in e["top"]] for e in w["logprobs"]
+    ]
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2 for c in content)
+    r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=4, temperature=0, logprobs=0)
+    assert r.choices[0].logprobs.top_logprobs == [{}] * 4 and len(r.choices[0].logprobs.token_logprobs) == 4
+
+
+def test_streamed_logprobs_add_up_to_the_non_streamed_ones(client):
+    """Chunk by chunk, the same lists. The second run of a prompt finds its blocks in the prefix cache, and a prompt
+    computed in other steps may differ in the last bits: floats are compared to 1e-5."""
+    options = dict(model="tiny-llama", prompt="The cat sat", max_tokens=12, temperature=0, logprobs=2, n=2)
+    whole = client.completions.create(**options).choices
+    chunks = [c for chunk in client.completions.create(**options, stream=True) for c in chunk.choices]
+    for i in range(2):
+        mine, want = [c.logprobs for c in chunks if c.index == i and c.logprobs], whole[i].logprobs
+        fields = ("tokens", "text_offset", "token_logprobs", "top_logprobs")
+        joined = {f: [x for lp in mine for x in getattr(lp, f)] for f in fields}
+        assert joined["tokens"] == want.tokens and joined["text_offset"] == want.text_offset
+        assert joined["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-5)
+        assert [list(d) for d in joined["top_logprobs"]] == [list(d) for d in want.top_logprobs]
+    options = dict(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0,
+                   logprobs=True, top_logprobs=3)  # fmt: skip
+    whole = client.chat.completions.create(**options).choices[0].logprobs.content
+    chunks = client.chat.completions.create(**options, stream=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, [a.token for a in t.top_logprobs]) for t in streamed] == [
+        (t.token, [a.token for a in t.top_logprobs]) for t in whole
+    ]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in whole], abs=1e-5)
+
+
+def test_best_of_runs_the_engines_candidates(server, client, offline, llm):
+    """best_of > n: the engine's own candidates (one prefill), the n most likely back, as offline; every candidate's
+    tokens in usage; bad logprobs settings are 400s naming the parameter."""
+    from nanovllm import SamplingParams
+
+    params = SamplingParams(temperature=1.0, max_tokens=8, n=2, best_of=4, seed=5, logprobs=0)
+    want = offline.engine.generate(["Once"], params, use_tqdm=False)[0]["outputs"]
+    r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=1.0, n=2, best_of=4,
+                                  seed=5, logprobs=0)  # fmt: skip
+    assert [c.text for c in r.choices] == [w["text"] for w in want] and [c.index for c in r.choices] == [0, 1]
+    assert sum(r.choices[0].logprobs.token_logprobs) >= sum(r.choices[1].logprobs.token_logprobs)  # best first
+    assert r.usage.completion_tokens >= sum(len(w["token_ids"]) for w in want)
+    assert idle(llm) and not llm.requests and not server.app.state.engine.owners
+    for bad, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                       ({"logprobs": 3}, "logprobs"), ({"best_of": 2}, "best_of")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], extra_body=bad
+            )
+        assert e.value.param == param

@@ -1,0 +1,69 @@
+"""Log-probabilities in OpenAI's two shapes, from the engine's records of them.
+
+A request that asks for logprobs (SamplingParams.logprobs = k) has, for each output token, its log-probability
+under the model's distribution and the k most likely tokens with theirs: the engine keeps these as
+(logprob, [(token_id, logprob), ...]) on its sequence (`token_logprobs`), and output() gives them as
+[{"logprob", "top"}]. Here they become
+- completions: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"};
+- chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}.
+
+Token strings are per-token text: each id decoded alone. They need not be the slice of the completion's text the
+token made: a character of several bytes split over tokens decodes to U+FFFD in each piece (and "bytes" are that
+text's UTF-8, not the token's raw bytes), and a tokenizer that drops a text's leading space drops it here too.
+Two alternatives that decode to the same string share one key of a completions top_logprobs dict: the more likely
+one is kept. text_offset is exact: where each token's text starts in the completion's text (0 = its start), from
+the same incremental decoding that makes that text.
+"""
+
+from __future__ import annotations
+
+from nanovllm.utils.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Record = tuple[float, list[tuple[int, float]]]  # one token's (logprob, [(alternative id, logprob), ...])
+
+
+class LogprobWriter:
+    """One choice's logprobs, written token by token: a stream sends each chunk's tokens through the same writer,
+    so the chunks' lists add up to the non-streamed answer's."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)  # only for text_offset
+        self.strings: dict[int, str] = {}
+
+    def token(self, token_id: int) -> str:
+        """The id decoded alone (cached: the same alternatives come back token after token)."""
+        text = self.strings.get(token_id)
+        if text is None:
+            text = self.strings[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def write(self, token_ids: list[int], records: list[Record]) -> dict:
+        """These tokens' logprobs, in the chat or the completions shape."""
+        if self.chat:
+            return {"content": [self._chat(t, lp, top) for t, (lp, top) in zip(token_ids, records)]}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, (lp, top) in zip(token_ids, records):
+            out["tokens"].append(self.token(t))
+            out["token_logprobs"].append(lp)
+            alternatives: dict[str, float] = {}
+            for alt, alt_lp in top:  # most likely first: setdefault keeps it when two decode alike
+                alternatives.setdefault(self.token(alt), alt_lp)
+            out["top_logprobs"].append(alternatives)
+            out["text_offset"].append(len(self.detokenizer.text))  # a token inside a character: where it starts
+            self.detokenizer.add([t])
+        return out
+
+    def _chat(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+        entry = self._entry(token_id, logprob)
+        entry["top_logprobs"] = [self._entry(alt, alt_lp) for alt, alt_lp in top]
+        return entry
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def records_of(result: dict) -> list[Record]:
+    """The records in an engine result's "logprobs" (output()'s [{"logprob", "top"}])."""
+    return [(e["logprob"], e["top"]) for e in result["logprobs"]]
