@@ -9,7 +9,9 @@
 # engines that batch continuously (chapter 4 on) against transformers; NREQ requests (256 is the
 # published size; the default 64 keeps the script within its time). Part 3: the ROADMAP's chapter 4
 # target, chapter 4 against chapter 3 on mixed-64 (not met on a 2-core CPU, where a fuller step costs
-# more; on a GPU it should not). Never run yet: no session so far had a GPU.
+# more; on a GPU it should not). Part 4, chapter 6's targets: chapter 6 (decode steps replayed from
+# CUDA graphs, fused projections) against chapter 5 (eager) on decode-1 (>= 2x) and decode-8 (8 requests
+# decoding together, >= 1.3x), with the graphs' capture time and memory. Never run yet: no session so far had a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -35,4 +37,29 @@ echo "throughput done in $((SECONDS - start)) s"
 
 "$PY" -m benchmarks --device cuda --model "$MODEL" --workload mixed-64 --engines ch03,ch04 --baseline ch03 \
     --repeats 2 --warmup 16 --out "$OUT/continuous-batching"
+echo "continuous batching done in $((SECONDS - start)) s"
+
+# Part 4, CUDA graphs (chapter 6). Estimated on an H100 (not measured: no GPU has run it yet): loading both engines
+# and capturing chapter 6's 11 graphs ~20-40 s, then 256-step runs of about 2-3 s (chapter 5, eager) and under 1 s
+# (chapter 6): 3 rounds of both workloads plus warm-up and one-token runs ~30 s. About 1 minute in all.
+"$PY" -m benchmarks --device cuda --model "$MODEL" --workload decode-1,decode-8 --engines ch05,ch06 --baseline ch05 \
+    --repeats 3 --warmup 16 --out "$OUT/cuda-graphs"
+"$PY" - "$OUT/cuda-graphs/results.json" <<'EOF'
+import json, sys
+
+results = json.load(open(sys.argv[1]))
+print("chapter 6 (CUDA graphs, fused projections) against chapter 5 (eager), output tok/s, medians of paired rounds:")
+for workload, target in (("decode-1", 2.0), ("decode-8", 1.3)):
+    rows = results["workloads"][workload]["engines"]
+    ratio, same = rows["ch06"]["ratio_vs_baseline"], rows["ch06"]["same_tokens_as_baseline"]
+    verdict = "PASS" if ratio >= target else "FAIL"
+    print(f"  {workload}: ch05 {rows['ch05']['output_tok_s']:.1f}, ch06 {rows['ch06']['output_tok_s']:.1f} tok/s: "
+          f"{ratio:.2f}x (target >= {target}x) {verdict}; same tokens as ch05: {same:.0%}")
+graphs = results["engines"]["ch06"].get("decode_graphs") or {}
+if graphs.get("capture_seconds") is None:
+    print("  chapter 6 captured no CUDA graphs (no CUDA device, or an attention backend that stores padding rows)")
+else:
+    print(f"  {len(graphs['captured'])} graphs (batch sizes {graphs['captured']}) captured in "
+          f"{graphs['capture_seconds']:.2f} s, graph memory {graphs['graph_memory_bytes'] / 2**20:.0f} MiB")
+EOF
 echo "all done in $((SECONDS - start)) s: $OUT"

@@ -93,6 +93,22 @@ def copy_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5) -> flo
     return 2 * n * 4 / best
 
 
+def read_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Measured read bandwidth in bytes/s: best of `repeats` sums of a `mib` MiB buffer, far larger than any cache, at
+    torch's current thread count. A decode step only reads its weights, so this (not the copy bandwidth, which pays a
+    write for every read) is what its roofline divides by."""
+    n = mib * 2**20 // 4
+    buf = torch.ones(n, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first sum faults the pages in
+        sync(device)
+        t0 = time.perf_counter()
+        buf.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return n * 4 / best
+
+
 class Ticker:
     """While a long run goes on, a line every `every_s` seconds: how long it has run and how far it has got (a round
     of chapter 1 on a larger model takes minutes). Short runs print nothing."""

@@ -52,6 +52,13 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "decode-1", "one request, 32-token prompt, 256 new tokens (latency-bound)", 1, (32, 32), (256, 256)
         ),
         WorkloadSpec(
+            "decode-8",
+            "8 requests, 32-token prompts, 256 new tokens each, decoding together (small-batch decode; GPU)",
+            8,
+            (32, 32),
+            (256, 256),
+        ),
+        WorkloadSpec(
             "mixed", "16 requests, prompts 16-128, outputs 16-128 (CPU-sized throughput)", 16, (16, 128), (16, 128)
         ),
         WorkloadSpec("mixed-small", "8 requests, prompts 8-64, outputs 8-64 (perf tests, CI)", 8, (8, 64), (8, 64)),

@@ -7,6 +7,8 @@
    marker comments; `on_page_markdown` rewrites each such name into the line range it has in the source
    today, so the book follows the code when lines move, and the build fails if a name disappears.
    `File.c:function` includes a C function: the comment just above it, its signature and its body.
+3. A notebook page would show each cell's tags above it; `nbval-ignore-output` is there for CI's nbval run, not
+   for the reader, and `on_page_content` removes it (`strip_nbval_tags`).
 
 tests/test_book.py imports `snippet_includes` and `resolve` from here to check every include.
 """
@@ -27,6 +29,13 @@ except ImportError:  # tests/test_book.py checks the includes with this file whe
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE_PAGES = ("notebooks/*.ipynb", "solutions/*.md")  # repository paths; their site paths are the same
+# One tag of mkdocs-jupyter's cell toolbar (its notebook.html.j2 template), when it is an nbval-* tag; and a toolbar
+# left with no tag at all.
+NBVAL_TAG = re.compile(
+    r'<div class="button_container tags_button_container">\s*<span class="tag-container">\s*'
+    r'<span class="cell-tag">nbval-[\w-]*</span>\s*</span>\s*</div>\s*'
+)
+EMPTY_TOOLBAR = re.compile(r'<div class="celltoolbar">\s*</div>\s*')
 
 # One snippet include per line: `--8<-- "path"`, where path may end in :name, :Class.method or :start:end.
 SNIPPET = re.compile(
@@ -153,3 +162,13 @@ def on_page_markdown(markdown, page, config, files):
                 raise PluginError(f"{page.file.src_uri}: snippet {m['target']!r}: {e}") from e
             lines[i] = f"{m['indent']}{m['scissors']}{m['quote']}{target}{m['quote']}"
     return "\n".join(lines)
+
+
+def strip_nbval_tags(html: str) -> str:
+    """A notebook page's HTML without its nbval-* cell tags (other tags stay), nor the toolbars they leave empty."""
+    return EMPTY_TOOLBAR.sub("", NBVAL_TAG.sub("", html))
+
+
+def on_page_content(html, page, config, files):
+    # mkdocs-jupyter has rendered a notebook page's HTML by now (in on_pre_page); other pages have no cell tags
+    return strip_nbval_tags(html) if page.file.src_uri.endswith(".ipynb") else html
