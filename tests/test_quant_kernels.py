@@ -272,4 +272,5 @@ def test_switched_off_or_unbuildable(monkeypatch, tmp_path):
 def test_both_libraries_load_side_by_side():
     assert kernels.c_kernels_unavailable() is None and kernels.quantized_kernels_unavailable() is None
     assert kernels._load() is not kernels._load("quant_linear_cpu")
-    assert isinstance(kernels.QUANT_KERNEL_MAX_ROWS, int) and kernels.QUANT_KERNEL_MAX_ROWS >= 1
+    assert set(kernels.QUANT_KERNEL_MAX_ROWS) == set(kernels.QUANT_KERNEL_PATHS)
+    assert kernels.quant_kernel_max_rows() == kernels.QUANT_KERNEL_MAX_ROWS[kernels.quant_kernel_isa()] >= 1

@@ -56,7 +56,8 @@ bound by reading weights, or a machine without the kernel, dequantize the weight
         """y = x W^T + b with the quantized W: (..., in) -> (..., out), in x's dtype.
 
         Rows go to the C kernel (integer dot products over the quantized bytes) when x is on the CPU, the kernel
-        is available and there are at most QUANT_KERNEL_MAX_ROWS of them; otherwise W is dequantized to float32
-        and multiplied as a float matrix (the same weights, without the activation rounding the kernel does).
+        is available and there are at most quant_kernel_max_rows() of them (measured per code path: where the
+        kernel still beats fp32); otherwise W is dequantized to float32 and multiplied as a float matrix (the same
+        weights, without the activation rounding the kernel does).
         """
         raise NotImplementedError("ch07 task 3: a quantized linear layer's forward")

@@ -220,9 +220,11 @@ def quant_kernel_paths() -> dict[str, str]:
     return {name: cflags for name, (needs, cflags) in QUANT_KERNEL_PATHS.items() if needs <= flags}
 
 
-# Up to this many rows of x (tokens in a step), the INT8 / INT4 kernels beat fp32 F.linear on its own weights on the
-# development CPU; past it, dequantize once and use fp32 (benchmarks/results/cpu-quant-kernels.md has the numbers).
-QUANT_KERNEL_MAX_ROWS = 16
+# Up to this many rows of x (tokens in a step), each code path of the INT8 / INT4 kernels beat fp32 `x @ W_t` on the
+# decode shapes of llama-134m, one thread, on the development CPU (a Zen 4; benchmarks/results/cpu-quant-kernels.md):
+# past it the engine should rather dequantize and multiply in fp32. Measured by doubling the rows until int8 or int4
+# lost on qkv or down (avx512vnni still won 1.55x at 1024, the most measured; the portable path lost at 4 rows).
+QUANT_KERNEL_MAX_ROWS = {"avx512vnni": 1024, "avx512bw": 128, "avx2": 64, "scalar": 2}
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -234,6 +236,11 @@ def quantized_kernels_unavailable() -> str | None:
 def quant_kernel_isa() -> str:
     """Which code path the INT8 / INT4 kernels were compiled with: avx512vnni, avx512bw, avx2 or scalar."""
     return _quant_library().quant_linear_isa().decode()
+
+
+def quant_kernel_max_rows() -> int:
+    """QUANT_KERNEL_MAX_ROWS of the code path built here; 0 where the kernels are not available."""
+    return QUANT_KERNEL_MAX_ROWS[quant_kernel_isa()] if quantized_kernels_unavailable() is None else 0
 
 
 def _quant_library() -> ctypes.CDLL:

@@ -112,12 +112,13 @@ class QuantLinear(nn.Module):
         """y = x W^T + b with the quantized W: (..., in) -> (..., out), in x's dtype.
 
         Rows go to the C kernel (integer dot products over the quantized bytes) when x is on the CPU, the kernel
-        is available and there are at most QUANT_KERNEL_MAX_ROWS of them; otherwise W is dequantized to float32
-        and multiplied as a float matrix (the same weights, without the activation rounding the kernel does).
+        is available and there are at most quant_kernel_max_rows() of them (measured per code path: where the
+        kernel still beats fp32); otherwise W is dequantized to float32 and multiplied as a float matrix (the same
+        weights, without the activation rounding the kernel does).
         """
         rows = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
         kernels = cpu_kernels() if x.device.type == "cpu" else None
-        if kernels is not None and rows.shape[0] <= kernels.QUANT_KERNEL_MAX_ROWS:
+        if kernels is not None and rows.shape[0] <= kernels.quant_kernel_max_rows():
             if self.scheme == "int8":
                 y = kernels.int8_linear(rows, self.qweight, self.scales, self.bias)
             else:
