@@ -30,6 +30,7 @@ CHAPTERS = {
     "ch02": "chapters.ch02_kv_cache",
     "ch03": "chapters.ch03_paged_kv",
     "ch04": "chapters.ch04_continuous_batching",
+    "ch07": "chapters.ch07_quantization",  # the final engine, with the options chapters 6 and 7 add
 }
 GOOD_PROMPT, GOOD = "Once upon a time", SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -220,11 +221,21 @@ ENGINE_ARGS = [
     ({"attention_backend": 5}, TypeError, "attention_backend"),
     ({"attention_backend": "nope"}, ValueError, "attention_backend"),
 ]
+FINAL_ENGINE_ARGS = [  # the options chapters 6 and 7 add to the engine
+    ({"enforce_eager": "yes"}, TypeError, "enforce_eager"),
+    ({"enforce_eager": 0}, TypeError, "enforce_eager"),
+    ({"fuse_projections": 1}, TypeError, "fuse_projections"),
+    ({"fuse_projections": None}, TypeError, "fuse_projections"),
+    ({"quantization": "int3"}, ValueError, "quantization"),
+    ({"quantization": 8}, ValueError, "quantization"),
+    ({"quantize_lm_head": "no"}, TypeError, "quantize_lm_head"),
+]
 CONSTRUCTOR_CASES = (
     [("ch01", *case) for case in COMMON_ARGS]
     + [(ch, *case) for ch in ("ch02", "ch03", "ch04") for case in COMMON_ARGS + SEQS_ARGS]
     + [(ch, *case) for ch in ("ch03", "ch04") for case in PAGED_ARGS]
     + [("ch04", *case) for case in ENGINE_ARGS]
+    + [("ch07", *case) for case in ENGINE_ARGS + FINAL_ENGINE_ARGS]
 )
 
 

@@ -10,7 +10,7 @@ import torch
 
 from nanovllm.errors import PromptTooLongError
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import check_device, resolve_dtype
+from nanovllm.utils.loader import check_device, parse_quantization, resolve_dtype
 from nanovllm.utils.tokenizer import Tokenizer, incremental_text
 
 Prompt = Union[str, list[int]]  # noqa: UP007 (a runtime alias: `|` needs Python 3.10 objects)
@@ -186,6 +186,11 @@ def _flag(name: str, value: object) -> None:
         raise TypeError(f"{name} must be True or False, got {_describe(value)}")
 
 
+def _optional_flag(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None, got {_describe(value)}")
+
+
 def _text(name: str, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {_describe(value)}")
@@ -204,4 +209,8 @@ _ENGINE_ARGS = {
     "enable_prefix_caching": _flag,
     "enable_chunked_prefill": _flag,
     "attention_backend": _text,  # its values are checked where the backend is chosen
+    "enforce_eager": _optional_flag,  # chapter 6: None lets the device decide
+    "fuse_projections": _flag,
+    "quantization": lambda name, value: parse_quantization(value),  # chapter 7
+    "quantize_lm_head": _flag,
 }

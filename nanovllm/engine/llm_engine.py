@@ -23,7 +23,7 @@ from nanovllm.layers.paged_attention import BACKENDS
 from nanovllm.layers.quantization import weight_bytes
 from nanovllm.layers.sampler import SamplingBatch, sample
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import load_model, parse_quantization
+from nanovllm.utils.loader import load_model
 
 
 @dataclass
@@ -72,11 +72,6 @@ class LLMEngine:
         Chapter 7's: quantization None (full precision), 'int8' (per output channel) or 'int4' (groups of 32 inputs;
         'int4-g64', 'int4-g128' for bigger groups), applied at load time to every linear layer of the decoder, and to
         the output layer unless quantize_lm_head=False. Embeddings and norms stay in full precision."""
-        if enforce_eager is not None and not isinstance(enforce_eager, bool):
-            raise TypeError(f"enforce_eager must be True, False or None, got {enforce_eager!r}")
-        for name, value in (("fuse_projections", fuse_projections), ("quantize_lm_head", quantize_lm_head)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
         check_engine_args(
             dtype=dtype,
             device=device,
@@ -90,8 +85,11 @@ class LLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
             attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
+            fuse_projections=fuse_projections,
+            quantization=quantization,
+            quantize_lm_head=quantize_lm_head,
         )
-        parse_quantization(quantization)  # before any weight is read
         loaded = load_model(
             model,
             dtype=dtype,
@@ -270,13 +268,11 @@ class LLMEngine:
 
         try:
             return sample(logits, batch(rows))
-        except Exception:
+        except BaseException as e:
             for g, state in zip(generators, states):
                 g.set_state(state)
-        except BaseException:  # an interrupt: leave the streams as they were, and let it through
-            for g, state in zip(generators, states):
-                g.set_state(state)
-            raise
+            if not isinstance(e, Exception):  # an interrupt: the streams are as they were; let it through
+                raise
         tokens: list[int | str] = []
         for i, row in enumerate(rows):
             try:
