@@ -19,6 +19,7 @@ import time
 import torch
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import pad_block_tables
 from nanovllm.layers.paged_attention import PagedAttention
 from nanovllm.models import DecoderForCausalLM
 
@@ -133,16 +134,11 @@ class DecodeGraphs:
         n = len(seqs)
         bucket = bucket_for(n, self.buckets)
         positions = [s.num_computed_tokens for s in seqs]
-        width = max(len(s.block_table) for s in seqs)
         fill_decode_buffers(
             self.buffers,
             torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)], device=self.device),
             torch.tensor(positions, device=self.device),
-            torch.tensor(
-                [s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                dtype=torch.int32,
-                device=self.device,
-            ),  # fmt: skip
+            pad_block_tables([s.block_table for s in seqs], self.device).to(torch.int32),  # (n, width)
             bucket,
             self.block_size,
         )

@@ -66,6 +66,11 @@ class PagedAttention:
         if self.num_decodes:
             self.begin_decodes(layout.decode_tables, layout.positions[: self.num_decodes])
 
+    @staticmethod
+    def unavailable(pool) -> str | None:
+        """Why this backend cannot run on this pool, or None when it can."""
+        return None
+
     def begin_decodes(self, tables: list[list[int]], positions: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -143,11 +148,9 @@ class TorchPagedAttention(PagedAttention):
         return torch.cat(parts)
 
 
-class CDecodeAttention(PagedAttention):
-    """Decodes in one call of the C kernel (nanovllm/kernels), which reads each sequence's blocks where they lie,
-    only as far as its own length: no copy, no padding, no mask."""
-
-    name = "c"
+class KernelDecodeAttention(PagedAttention):
+    """Decodes by a kernel that reads each sequence's blocks only as far as its own length: it takes int32 block
+    tables and context lengths, the same for every layer of a step (the C and Triton backends)."""
 
     def begin_decodes(self, tables: list[list[int]], positions: torch.Tensor) -> None:
         self.tables = pad_block_tables(tables, positions.device).to(torch.int32)  # (S, width)
@@ -155,6 +158,13 @@ class CDecodeAttention(PagedAttention):
 
     def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
         self.tables, self.context_lens = tables, context_lens
+
+
+class CDecodeAttention(KernelDecodeAttention):
+    """Decodes in one call of the C kernel (nanovllm/kernels), which reads each sequence's blocks where they lie,
+    only as far as its own length: no copy, no padding, no mask."""
+
+    name = "c"
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         return paged_decode_attention(q.contiguous(), k_cache, v_cache, self.tables, self.context_lens)
@@ -167,7 +177,7 @@ class CDecodeAttention(PagedAttention):
         return c_kernels_unavailable()
 
 
-class TritonAttention(PagedAttention):
+class TritonAttention(KernelDecodeAttention):
     """Chapter 5: the store, the decodes and every prefill chunk in Triton kernels (nanovllm/kernels/triton), one
     call each per layer. On a GPU they are compiled; on a CPU, Triton's interpreter runs them (exact, and slow:
     for checking, so 'auto' picks this backend on a GPU only)."""
@@ -189,11 +199,9 @@ class TritonAttention(PagedAttention):
 
     def begin_step(self, layout: StepLayout) -> None:
         self.layout, device = layout, layout.positions.device
-        self.num_splits = None  # the wrapper's choice for these shapes
         self.num_decodes = nd = len(layout.decode_tables)
         if nd:
-            self.decode_tables = pad_block_tables(layout.decode_tables, device).to(torch.int32)  # (S, width)
-            self.decode_lens = (layout.positions[:nd] + 1).to(torch.int32)  # (S,)
+            self.begin_decodes(layout.decode_tables, layout.positions[:nd])
         chunks = layout.prefills
         if chunks:
             self.prefill_tables = pad_block_tables([c.block_table for c in chunks], device).to(torch.int32)
@@ -204,16 +212,6 @@ class TritonAttention(PagedAttention):
             self.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)  # (chunks + 1,)
             self.max_query_len = max(c.num_tokens for c in chunks)  # from the host: the GPU need not be asked
 
-    def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
-        self.decode_tables, self.decode_lens = tables, context_lens
-        # fixed for the step's shapes: the kernel must not look at the lengths, which a graph replay changes
-        kv_heads, longest = self.pool.k.shape[3], tables.shape[1] * self.pool.block_size
-        self.num_splits = self.kernels.choose_num_splits(len(positions), kv_heads, longest, self.num_sms())
-
-    def num_sms(self) -> int:
-        k = self.pool.k
-        return torch.cuda.get_device_properties(k.device).multi_processor_count if k.device.type == "cuda" else 1
-
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
@@ -221,9 +219,8 @@ class TritonAttention(PagedAttention):
         out = torch.empty_like(q)
         nd = self.num_decodes
         if nd:
-            self.kernels.paged_decode_attention(
-                q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, num_splits=self.num_splits, out=out[:nd]
-            )
+            # split-K is chosen from the shapes alone (never the lengths, which a graph replay changes)
+            self.kernels.paged_decode_attention(q[:nd], k_cache, v_cache, self.tables, self.context_lens, out=out[:nd])
         if self.layout.prefills:  # keys come from the pool (stored above), so a first chunk needs no special case
             self.kernels.varlen_prefill_attention(
                 q[nd:],
@@ -260,7 +257,7 @@ def make_attention_backend(name: str, pool, allowed: tuple[str, ...] = tuple(BAC
         if name == "auto" and AUTO_DEVICES.get(candidate, pool.k.device.type) != pool.k.device.type:
             continue
         cls = BACKENDS[candidate]
-        why = cls.unavailable(pool) if hasattr(cls, "unavailable") else None
+        why = cls.unavailable(pool)
         if why is None:
             return cls(pool)
         if name != "auto":
