@@ -9,6 +9,7 @@ import logging
 import time
 import torch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import pad_block_tables
 from nanovllm.layers.paged_attention import PagedAttention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.engine.cuda_graphs import log, decode_buckets, DecodeBuffers, DecodeGraphs  # the rest of the file, as given

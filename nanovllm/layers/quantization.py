@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanovllm.kernels.cpu import INT4_GROUP_SIZES  # the group sizes the kernels handle: one list for both
 from nanovllm.layers.linear import Linear
 
 SCHEMES = ("int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
