@@ -200,6 +200,7 @@ def list_all() -> str:
     lines += ["engines here: " + ", ".join(known_engines())]
     lines += ["  chNN@REF         chapter NN at git commit REF (a branch, tag, HEAD~1, ...), in its own process"]
     lines += ["  llama.cpp-TYPE   llama.cpp on a GGUF of that type: q8_0, q4_0, f16, ... (llamacpp-q8_0 works too)"]
+    lines += ["  llama-server     llama.cpp's own server, batching (--parallel = max_num_seqs); llama-server-q8_0 too"]
     lines += ["  ENGINE[K=V,...]  an engine with options of its own, e.g. ch07[quantization=int8] beside ch07"]
     return "\n".join(lines)
 

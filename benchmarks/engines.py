@@ -94,10 +94,15 @@ def llamacpp_installed() -> bool:
 
 def known_engines() -> list[str]:
     """Every engine name this machine can run now."""
-    return [*chapter_packages(), "transformers", "serve", *(["llama.cpp"] if llamacpp_installed() else [])]
+    from benchmarks.llamacpp_server_engine import find_llama_server
+
+    llamacpp = ["llama.cpp"] if llamacpp_installed() else []
+    server = ["llama-server"] if llamacpp and find_llama_server() else []
+    return [*chapter_packages(), "transformers", "serve", *llamacpp, *server]
 
 
 LLAMACPP_NAMES = ("llama.cpp", "llamacpp", "llama-cpp")
+LLAMA_SERVER_NAMES = ("llama-server", "llamacpp-server", "llama.cpp-server", "llama-cpp-server")
 
 
 def canonical_name(name: str) -> str:
@@ -110,6 +115,11 @@ def canonical_name(name: str) -> str:
     name = name.strip().removeprefix("chapters.")
     if name[:2] == "ch" and name[2:4].isdigit():
         return name[:4] + at + ref.strip() + inline
+    for alias in LLAMA_SERVER_NAMES:  # llama.cpp's own server: llama-server, llama-server-q8_0, ...
+        if name.lower() == alias:
+            return "llama-server" + at + ref + inline
+        if name.lower().startswith(alias + "-"):
+            return "llama-server-" + _gguf_spelling(name[len(alias) + 1 :]) + at + ref + inline
     for alias in LLAMACPP_NAMES:  # llama.cpp on a quantized GGUF: llamacpp-q4_0, llama.cpp-q8_0, ...
         if name.lower().startswith(alias + "-"):
             return "llama.cpp-" + _gguf_spelling(name[len(alias) + 1 :]) + at + ref + inline
@@ -179,11 +189,11 @@ def check_engine(name: str) -> None:
         if base[:2] != "ch" or not base[2:4].isdigit():
             raise BenchError(f"engine {name!r}: only chapters run at a git commit (chNN@REF)")
         chapter_at(resolve_ref(ref), base)
-    elif base.startswith("llama.cpp-"):
+    elif base.startswith(("llama.cpp-", "llama-server-")):
         from benchmarks.llamacpp_engine import gguf_type
 
-        gguf_type(base.removeprefix("llama.cpp-"))  # llama.cpp-q4_0: a GGUF type this benchmark can make
-    elif base not in (*chapter_packages(), "transformers", "llama.cpp", "serve"):
+        gguf_type(base.partition("-")[2].removeprefix("server-"))  # llama.cpp-q4_0: a GGUF type it can make
+    elif base not in (*chapter_packages(), "transformers", "llama.cpp", "llama-server", "serve"):
         raise BenchError(
             f"unknown engine {name!r}; engines here: {', '.join(known_engines())} "
             "(llama.cpp with llama-cpp-python installed), or chNN@REF for a chapter at a git commit"
@@ -232,6 +242,9 @@ def create_engine(
     if base.startswith("llama.cpp-"):  # llama.cpp-q4_0: llama.cpp on a GGUF of that type
         options = {"outtype": base.removeprefix("llama.cpp-"), **options}
         base = "llama.cpp"
+    if base.startswith("llama-server-"):  # llama-server-q8_0: llama-server on a GGUF of that type
+        options = {"outtype": base.removeprefix("llama-server-"), **options}
+        base = "llama-server"
     if "@" in base:  # a chapter at another commit: its own process, its own checkout
         from benchmarks.worker import WorkerEngine
 
@@ -244,6 +257,10 @@ def create_engine(
         from benchmarks.hf_engine import TransformersEngine
 
         return TransformersEngine(model, device, dtype, **options)
+    if base == "llama-server":
+        from benchmarks.llamacpp_server_engine import LlamaServerEngine
+
+        return LlamaServerEngine(model, device, dtype, shared=shared, **options)
     if base == "llama.cpp":
         from benchmarks.llamacpp_engine import LlamaCppEngine
 

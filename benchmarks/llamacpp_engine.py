@@ -50,12 +50,15 @@ INSTALL = (
 
 
 def find_converter() -> Path | None:
-    """convert_hf_to_gguf.py: $LLAMA_CPP_CONVERTER, or a vendor/llama.cpp checkout beside the installed package."""
+    """convert_hf_to_gguf.py: $LLAMA_CPP_CONVERTER, a vendor/llama.cpp checkout beside the installed package, or
+    the source distribution tools/build_llama_server.sh unpacked."""
     env = os.environ.get("LLAMA_CPP_CONVERTER")
     if env:
         return Path(env) if Path(env).is_file() else None
     spec = importlib.util.find_spec("llama_cpp")
     roots = [Path(spec.origin).parent.parent] if spec and spec.origin else []
+    # the source distribution tools/build_llama_server.sh unpacks into the cache
+    roots += sorted((cache_dir().parent / "llama.cpp").glob("llama_cpp_python-*"))
     for root in roots:
         for cand in (root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py", root / "convert_hf_to_gguf.py"):
             if cand.is_file():

@@ -29,6 +29,7 @@ from benchmarks.engines import (
     parse_option,
     step_tokens,
 )
+from benchmarks.llamacpp_server_engine import LlamaServerEngine
 from benchmarks.measure import Measured, measure, percentile, ratios, run_metrics, summarize
 from benchmarks.models import ROOT, ModelSpec, llama, param_count, resolve_model
 from benchmarks.runner import Settings, choose_baseline, plan_engines
@@ -667,3 +668,86 @@ def test_llamacpp_runs_quantized_gguf(tmp_path, monkeypatch):
         assert len(out.token_ids[0]) == 5 and len(out.ttft_s) == 1
         engine.close()
     assert info["pure"] and set(info["gguf_tensor_types"]) <= {"q4_0", "f32"}
+
+
+FAKE_LLAMA_SERVER = r'''#!/usr/bin/env python3
+"""A stand-in llama-server: /health, and /completion streaming tokens (prompt[-1] + i) % 50 as llama-server's
+stream does; it records its command line and every request body in $FAKE_LOG."""
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+argv = sys.argv[1:]
+log = open(os.environ["FAKE_LOG"], "a")
+log.write(json.dumps({"argv": argv}) + "\n"); log.flush()
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"{}")
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        log.write(json.dumps({"path": self.path, "body": body}) + "\n"); log.flush()
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        for i in range(body["n_predict"]):
+            chunk = {"content": "x", "tokens": [(body["prompt"][-1] + i) % 50], "stop": False}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode()); self.wfile.flush()
+        self.wfile.write(b'data: {"content": "", "tokens": [], "stop": true}\n\n'); self.wfile.flush()
+        self.close_connection = True
+
+ThreadingHTTPServer(("127.0.0.1", int(argv[argv.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+def test_llama_server_engine_names_and_absence(monkeypatch, tmp_path):
+    """llama-server, llamacpp-server-q8_0, ...: llama.cpp's own server on a GGUF of that type; without a binary it is
+    skipped in one line that says how to build one."""
+    assert canonical_name("llamacpp-server") == "llama-server" and canonical_name("llama.cpp-server") == "llama-server"
+    assert canonical_name("llama-server-Q8_0") == "llama-server-q8_0"
+    assert canonical_name("llamacpp-server-q4_0[parallel=16]") == "llama-server-q4_0[parallel=16]"
+    check_engine("llama-server-q4_0")
+    with pytest.raises(BenchError, match="not a GGUF type"):
+        check_engine("llama-server-q9_9")
+    monkeypatch.setenv("LLAMA_SERVER", str(tmp_path / "absent"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(EngineUnavailable, match="build_llama_server.sh"):
+        create_engine("llama-server", resolve_model(str(TINY)), "cpu", "float32", {})
+
+
+def test_llama_server_engine_drives_the_server(monkeypatch, tmp_path):
+    """Against a stand-in server: one slot per sequence, enough context for every slot, token-id prompts, greedy,
+    EOS ignored, no prompt cache, every request sent at once, tokens read from the stream, the server stopped."""
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER)
+    fake.chmod(0o755)
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(_gguf_header([("blk.0.attn_q.weight", 0)]))
+    engine = create_engine(
+        "llama-server[parallel=3,ctx_per_slot=64]",
+        resolve_model(str(TINY)),
+        "cpu",
+        "float32",
+        {"binary": str(fake), "gguf": str(gguf), "threads": 1},
+    )
+    try:
+        requests = [Request([5, 6, 7], 4), Request([9], 2), Request([1, 2], 5)]
+        result = engine.run(requests)
+    finally:
+        engine.close()
+    assert engine.proc.poll() is not None  # stopped
+    assert result.token_ids == [[(r.prompt[-1] + i) % 50 for i in range(r.max_tokens)] for r in requests]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    argv = lines[0]["argv"]
+    assert argv[argv.index("--parallel") + 1] == "3" and argv[argv.index("--ctx-size") + 1] == "192"
+    assert "--no-kv-unified" in argv and argv[argv.index("-m") + 1] == str(gguf)
+    bodies = sorted((entry["body"] for entry in lines[1:]), key=lambda b: b["prompt"])
+    assert [b["prompt"] for b in bodies] == sorted(r.prompt for r in requests)
+    for b in bodies:
+        assert b["cache_prompt"] is False and b["ignore_eos"] is True and b["stream"] is True
+        assert b["temperature"] == 0 and b["top_k"] == 1 and b["return_tokens"] is True
+    assert engine.info()["kv_cache_type"].startswith("f16")
+    with pytest.raises(EngineUnavailable, match="slot holds 64"):
+        LlamaServerEngine.run(engine, [Request(list(range(60)), 8)])
