@@ -97,6 +97,17 @@ class LlamaServerEngine(Engine):
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout=120)
+        self.load_mem_bytes = self._proc_memory("VmRSS")  # the server's own process: what loading the model took
+
+    def _proc_memory(self, field: str) -> int | None:
+        """VmRSS (now) or VmHWM (peak) of the server process, in bytes; None off Linux."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
     def _wait_ready(self, timeout: float) -> None:
         import httpx
@@ -122,7 +133,12 @@ class LlamaServerEngine(Engine):
         longest = max(len(r.prompt) + r.max_tokens for r in requests)
         if longest > self.ctx_per_slot:
             raise EngineUnavailable(f"llama-server: a request needs {longest} tokens, a slot holds {self.ctx_per_slot}")
-        return asyncio.run(self._run(requests))
+        before = self._proc_memory("VmRSS")
+        result = asyncio.run(self._run(requests))
+        after = self._proc_memory("VmRSS")
+        result.peak_mem_bytes = self._proc_memory("VmHWM")  # the server's, not this process's
+        result.mem_growth_bytes = after - before if after is not None and before is not None else None
+        return result
 
     async def _run(self, requests: list[Request]) -> RunResult:
         import httpx

@@ -751,3 +751,31 @@ def test_llama_server_engine_drives_the_server(monkeypatch, tmp_path):
     assert engine.info()["kv_cache_type"].startswith("f16")
     with pytest.raises(EngineUnavailable, match="slot holds 64"):
         LlamaServerEngine.run(engine, [Request(list(range(60)), 8)])
+
+
+def test_llama_server_gives_our_greedy_tokens():
+    """The real llama-server (where one was built: tools/build_llama_server.sh) on the tiny model, fp32 weights and
+    KV cache, decodes the tokens our final engine does, requests batched together."""
+    from benchmarks.llamacpp_engine import find_converter
+    from benchmarks.llamacpp_server_engine import find_llama_server
+
+    if find_llama_server() is None or find_converter() is None:
+        pytest.skip("no llama-server binary or GGUF converter here (optional: tools/build_llama_server.sh)")
+    from nanovllm import LLM, SamplingParams
+
+    requests = [Request([1, 17, 33, 90], 12), Request([1, 5], 20), Request(list(range(1, 40)), 9)]
+    engine = create_engine("llama-server[kv_type=f32]", resolve_model(str(TINY)), "cpu", "float32", {"threads": 1})
+    try:
+        theirs = engine.run(requests).token_ids
+    finally:
+        engine.close()
+    llm = LLM(str(TINY), seed=0)
+    ours = [
+        o["token_ids"]
+        for o in llm.generate(
+            [r.prompt for r in requests],
+            [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests],
+            use_tqdm=False,
+        )
+    ]
+    assert theirs == ours
