@@ -49,6 +49,11 @@ INSTALL = (
 )
 
 
+def llama_cpp_cache() -> Path:
+    """Where tools/build_llama_server.sh unpacks llama.cpp and builds llama-server (its default DEST)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanovllm" / "llama.cpp"
+
+
 def find_converter() -> Path | None:
     """convert_hf_to_gguf.py: $LLAMA_CPP_CONVERTER, a vendor/llama.cpp checkout beside the installed package, or
     the source distribution tools/build_llama_server.sh unpacked."""
@@ -58,7 +63,7 @@ def find_converter() -> Path | None:
     spec = importlib.util.find_spec("llama_cpp")
     roots = [Path(spec.origin).parent.parent] if spec and spec.origin else []
     # the source distribution tools/build_llama_server.sh unpacks into the cache
-    roots += sorted((cache_dir().parent / "llama.cpp").glob("llama_cpp_python-*"))
+    roots += sorted(llama_cpp_cache().glob("llama_cpp_python-*"))
     for root in roots:
         for cand in (root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py", root / "convert_hf_to_gguf.py"):
             if cand.is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.engines import Engine, EngineUnavailable, RunResult
-from benchmarks.llamacpp_engine import OUTTYPES, gguf_tensor_types, gguf_type, make_gguf
+from benchmarks.llamacpp_engine import OUTTYPES, gguf_tensor_types, gguf_type, llama_cpp_cache, make_gguf
 from benchmarks.models import ResolvedModel
 from benchmarks.workloads import Request
 
@@ -33,8 +33,8 @@ BUILD = "tools/build_llama_server.sh (builds it from llama-cpp-python's source d
 
 def find_llama_server() -> Path | None:
     """$LLAMA_SERVER, `llama-server` on the PATH, or the binary tools/build_llama_server.sh leaves in the cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanovllm" / "llama.cpp"
-    for cand in (os.environ.get("LLAMA_SERVER"), shutil.which("llama-server"), cache / "build/bin/llama-server"):
+    built = llama_cpp_cache() / "build/bin/llama-server"
+    for cand in (os.environ.get("LLAMA_SERVER"), shutil.which("llama-server"), built):
         if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
             return Path(cand)
     return None

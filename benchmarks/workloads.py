@@ -70,6 +70,13 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             (16, 256),
         ),
         WorkloadSpec(
+            "mixed-32",
+            "32 requests, prompts 16-256, outputs 16-128 (the llama-server comparison's mixed load)",
+            32,
+            (16, 256),
+            (16, 128),
+        ),
+        WorkloadSpec(
             "nano-vllm-bench",
             "256 requests, prompts and outputs 100-1024 (nano-vLLM's GPU benchmark)",
             256,
