@@ -11,7 +11,9 @@
 # target, chapter 4 against chapter 3 on mixed-64 (not met on a 2-core CPU, where a fuller step costs
 # more; on a GPU it should not). Part 4, chapter 6's targets: chapter 6 (decode steps replayed from
 # CUDA graphs, fused projections) against chapter 5 (eager) on decode-1 (>= 2x) and decode-8 (8 requests
-# decoding together, >= 1.3x), with the graphs' capture time and memory. Never run yet: no session so far had a GPU.
+# decoding together, >= 1.3x), with the graphs' capture time and memory. Part 5, chapter 7: decode-1 of the engine
+# with bf16, INT8 and INT4 weights (benchmarks/gpu_quant.py, run first, checks and times the quantized matmuls alone).
+# Never run yet: no session so far had a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -23,6 +25,10 @@ export NANOVLLM_BENCH_CACHE=${NANOVLLM_BENCH_CACHE:-bench_out/models}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script needs one')"
 "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 "$PY" -m benchmarks.gpu_kernels --out "$OUT/kernels" || echo "benchmarks.gpu_kernels did not finish; going on"  # ch05: one table
+# ch07: the Triton INT8 / INT4 matmuls checked against the dequantized reference, then timed against bf16 on
+# Qwen3-0.6B's linear layers at 1, 8 and 64 rows; one table. Estimated (never run on a GPU yet): 30-50 s, most of it
+# compiling the kernels' variants.
+"$PY" -m benchmarks.gpu_quant --out "$OUT/quant-kernels" || echo "benchmarks.gpu_quant did not finish; going on"
 start=$SECONDS
 
 "$PY" -m benchmarks --device cuda --model "$MODEL" --workload decode-1,mixed --engines all \
@@ -62,4 +68,30 @@ else:
     print(f"  {len(graphs['captured'])} graphs (batch sizes {graphs['captured']}) captured in "
           f"{graphs['capture_seconds']:.2f} s, graph memory {graphs['graph_memory_bytes'] / 2**20:.0f} MiB")
 EOF
+
+# Part 5, weight-only quantization (chapter 7): the engine's decode-1 in bf16, INT8 and INT4 (the Triton kernels of
+# QuantLinear). Estimated, not measured: three loads with graph captures and 2 rounds of 256 tokens each, ~40-60 s.
+# Skipped when the script has already run 240 s, so that it stays under 5 minutes.
+if ((SECONDS < 240)); then
+    "$PY" -m benchmarks --device cuda --model "$MODEL" --workload decode-1 --baseline ch07 --repeats 2 --warmup 16 \
+        --engines "ch07,ch07[quantization=int8],ch07[quantization=int4]" --out "$OUT/quantization" \
+        || echo "the chapter 7 engine run did not finish; going on"
+    [ -f "$OUT/quantization/results.json" ] && "$PY" - "$OUT/quantization/results.json" <<'EOF'
+import json, sys
+
+results = json.load(open(sys.argv[1]))
+rows = results["workloads"]["decode-1"]["engines"]
+print("chapter 7, decode-1: INT8 and INT4 weights (Triton kernels) against the bf16 engine, output tok/s:")
+for name, label in (("ch07", "bf16"), ("ch07[quantization=int8]", "int8"), ("ch07[quantization=int4]", "int4-g32")):
+    row, loaded = rows.get(name), results["engines"].get(name, {}).get("load_mem_bytes")
+    if row is None:
+        print(f"  {label}: no result")
+        continue
+    memory = "" if loaded is None else f", {loaded / 2**20:.0f} MiB after loading"
+    print(f"  {label}: {row['output_tok_s']:.1f} tok/s = {row['ratio_vs_baseline']:.2f}x bf16; same tokens as bf16: "
+          f"{row['same_tokens_as_baseline']:.0%}{memory}")
+EOF
+else
+    echo "chapter 7 engine run skipped: $SECONDS s spent already, and the script keeps under 5 minutes"
+fi
 echo "all done in $((SECONDS - start)) s: $OUT"

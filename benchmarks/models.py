@@ -65,6 +65,17 @@ def llama(
     }
 
 
+def mixtral(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, experts: int, top_k: int, vocab: int):
+    """A Mixtral-shaped config: every layer's MLP is `experts` expert MLPs of size ffn, each token routed to top_k."""
+    return {
+        **llama(hidden, layers, heads, ffn, vocab, tied=False, kv_heads=kv_heads),
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+    }
+
+
 # Qwen3-0.6B's published config.json (the numbers only; the weights here are random).
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -131,6 +142,11 @@ MODELS: dict[str, ModelSpec] = {
             "random Llama, hidden 768, 12 layers, FFN 2048, vocab 32000, untied",
             llama(768, 12, 12, 2048, 32000, tied=False),
         ),
+        ModelSpec(  # Mixtral's proportions, scaled down: 8 experts, top-2, GQA 4:1; mixed-64 in about a minute on a CPU
+            "mixtral-tiny",
+            "random Mixtral, hidden 512, 4 layers, 8 experts of FFN 1024, top-2, vocab 32000, untied (MoE runs)",
+            mixtral(512, 4, 8, 2, 1024, 8, 2, 32000),
+        ),
         ModelSpec("qwen3-0.6b", "Qwen3-0.6B's real config, random weights, bf16 (GPU runs)", QWEN3_0_6B, "bfloat16"),
         ModelSpec("llama3.2-1b", "Llama-3.2-1B's real config, random weights, bf16 (GPU runs)", LLAMA32_1B, "bfloat16"),
     ]
@@ -179,13 +195,15 @@ def cache_dir() -> Path:
 
 
 def param_count(cfg: dict[str, Any]) -> int:
-    """Parameters implied by a Llama-family config (embedding counted once when tied)."""
+    """Parameters implied by a Llama-family or mixture-of-experts config (embedding counted once when tied)."""
     e, f, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
     d = cfg.get("head_dim") or e // heads
     kv = cfg.get("num_key_value_heads") or heads
     attn = e * heads * d * 2 + e * kv * d * 2 + (2 * d if cfg.get("model_type") == "qwen3" else 0)
-    layer = attn + 3 * e * f + 2 * e
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    mlp = experts * (3 * e * cfg.get("moe_intermediate_size", f) + e) if experts else 3 * e * f  # + the router
+    layer = attn + mlp + 2 * e
     return n * layer + v * e * (1 if cfg.get("tie_word_embeddings") else 2) + e
 
 

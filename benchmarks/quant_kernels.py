@@ -48,7 +48,7 @@ def use_version(version: str | None) -> str:
 
 def random_weights(fmt: str, in_f: int, out_f: int, gen: torch.Generator) -> tuple:
     """One matrix in `fmt`: the arguments after x of its kernel (for fp32, W_t (in, out) as the engine stores it)."""
-    if fmt == "fp32":
+    if fmt in ("fp32", "fp32-c"):  # fp32-c: the same matrix through chapter 6's C kernel (benchmarks/linear_kernel.py)
         return (torch.randn(in_f, out_f, generator=gen),)
     if fmt == "int8":
         return torch.randint(-128, 128, (out_f, in_f), dtype=torch.int8, generator=gen), torch.rand(out_f) / 100
@@ -64,6 +64,8 @@ def weight_bytes(args: tuple) -> int:
 def kernel(fmt: str):
     if fmt == "fp32":
         return lambda x, w_t: x @ w_t
+    if fmt == "fp32-c":
+        return kernels.fp32_linear
     return kernels.int8_linear if fmt == "int8" else kernels.int4_linear
 
 

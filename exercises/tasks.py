@@ -64,6 +64,8 @@ TASKS: dict[str, list[Task]] = {
         Task("ch04", 3, "apply_top_k", "nanovllm.layers.sampler", "keep the k most likely tokens"),
         Task("ch04", 4, "apply_top_p", "nanovllm.layers.sampler", "nucleus (top-p) filtering"),
         Task("ch04", 5, "apply_min_p", "nanovllm.layers.sampler", "drop tokens below min_p x the top one"),
+        Task("ch04", 6, "beam_step", "nanovllm.engine.beam_search", "one beam-search round: expand, score, prune"),
+        Task("ch04", 7, "best_of", "nanovllm.engine.candidates", "the n most likely candidates, best first"),
     ],
     "ch05": [
         Task(
@@ -145,6 +147,11 @@ HINTS: dict[tuple[str, int], str] = {
     ("ch04", 4): "remove a token when the mass *before* it reaches top_p[:, None] (cumsum > top_p drops the token that "
     "crosses p); scatter the decision back through the sort order",
     ("ch04", 5): "compare probabilities, not logits: drop softmax probs < min_p[:, None] * the row's largest prob",
+    ("ch04", 6): "every (token, logprob) of a beam's row is a candidate: cum = the beam's + logprob, parent = the "
+    "beam's index; EOS completes it (finish_reason 'stop') unless ignore_eos; keep the old completed ones; sort both "
+    "lists by beam_score, best first (sorted(..., reverse=True) keeps ties in order), and cut each to width",
+    ("ch04", 7): "sort by cumulative_logprob, highest first, with a stable sort (ties keep the candidates' order), "
+    "then keep n; do not change the dicts",
     ("ch05", 1): "m_new = maximum(m, max of the tile), not the tile's max alone; alpha = exp2(m - m_new) from the old "
     "m, rescaling both l and acc; tl.exp2, not tl.exp (the scores are in base 2); p.to(v.dtype) for tl.dot",
     ("ch05", 2): "look each position's block up in the table; load with mask=ok and make masked scores -inf (a masked "

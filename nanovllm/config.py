@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,23 @@ ARCHITECTURES: dict[str, dict[str, bool]] = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    # Gemma: embeddings scaled by sqrt(hidden), RMSNorm by (1 + weight), GeGLU; Gemma 2 adds the "sandwich" norms
+    # around attention and MLP, soft caps on attention scores and logits, and a window on alternate layers
+    "GemmaForCausalLM": {"gemma": True},
+    "Gemma2ForCausalLM": {"gemma": True, "sandwich_norms": True},
+    # mixture of experts (models/moe.py): Mixtral always renormalises its top-k routing weights
+    "MixtralForCausalLM": {"moe": True, "norm_topk_prob": True},
+    "Qwen3MoeForCausalLM": {"qk_norm": True, "moe": True},
+    "Qwen2MoeForCausalLM": {"qkv_bias": True, "moe": True},  # and a shared expert every token goes through
+    # Phi-3: Llama with q/k/v and gate/up fused in the checkpoint (split at load), longrope, partial rotary
+    "Phi3ForCausalLM": {},
+    # GPT-2: its own decoder (models/gpt2.py): learned positions, LayerNorm, GELU MLP, biases, Conv1D weights
+    "GPT2LMHeadModel": {},
 }
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+# the MLP's gate: SwiGLU, GeGLU (tanh approximation), exact GeGLU; gelu_new: GPT-2's ungated MLP (tanh approximation)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "gelu_new")
 
 
 @dataclass
@@ -41,15 +56,53 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int | None = None
+    # the layers that attend within sliding_window (Mistral: all; Gemma 2: every other one); the rest see everything
+    sliding_layers: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    hidden_act: str = "silu"
+    scale_embeddings: bool = False  # Gemma: x = embedding * sqrt(hidden_size)
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight)
+    sandwich_norms: bool = False  # Gemma 2: norms after attention and around the MLP too
+    query_pre_attn_scalar: float | None = None  # Gemma 2: scores scaled by this ** -0.5, not head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores s -> cap * tanh(s / cap) before the softmax
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the output logits
+    # mixture of experts: 0 experts is a dense model; see models/moe.py
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an MLP every token goes through, gated by a sigmoid
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * this channels of each head (Phi-3)
+    position_embedding: str = "rope"  # or "learned": a table of positions added to the embeddings (GPT-2)
+    layer_norm_eps: float = 1e-5  # GPT-2's LayerNorm
+    scale_attn_by_inverse_layer_idx: bool = False  # a GPT-2 option: layer i's scores also divided by i + 1
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many channels of each head RoPE rotates; the rest pass through unrotated."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether this layer's MLP is the routed experts (Qwen-MoE may keep some layers dense)."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    def window_of(self, layer_idx: int) -> int | None:
+        """The sliding window of this layer (a query at p sees positions p - window + 1 .. p), or None.
+
+        Every backend applies it; no block is freed when it leaves the window, though: Gemma 2's global layers
+        still read it, and an all-window model (Mistral) would need holes in its block tables (see book/ch04.md).
+        """
+        return self.sliding_window if layer_idx in self.sliding_layers else None
 
     @property
     def max_model_len(self) -> int:
         """The longest sequence (prompt + output) the engine will run."""
-        # A sliding-window model attends to a window only; we do not implement the window,
-        # so we stay inside it, where full attention and windowed attention agree.
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
     @classmethod
@@ -61,6 +114,8 @@ class ModelConfig:
                 f"{source}: architectures {archs or '(missing)'} is not supported; "
                 f"nano-vLLM supports {', '.join(ARCHITECTURES)}"
             )
+        if arch == "GPT2LMHeadModel":
+            hf = gpt2_config(hf, source)
         for key in (
             "vocab_size",
             "hidden_size",
@@ -70,8 +125,12 @@ class ModelConfig:
         ):
             if not isinstance(hf.get(key), int) or hf[key] <= 0:
                 raise ModelFormatError(f"{source}: '{key}' must be a positive integer, got {hf.get(key)!r}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ModelFormatError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        # Gemma's configs name the MLP's activation `hidden_activation` (their `hidden_act` is an older field)
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported (supported: {ACTIVATIONS})")
+        if (act == "gelu_new") != (arch == "GPT2LMHeadModel"):  # GPT-2's MLP is ungated, the others' gated
+            raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported for {arch}")
         num_heads = hf["num_attention_heads"]
         num_kv_heads = hf.get("num_key_value_heads") or num_heads
         if num_heads % num_kv_heads:
@@ -84,12 +143,23 @@ class ModelConfig:
         # transformers >= 5 writes `rope_parameters`; older configs write `rope_theta` + `rope_scaling`.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        partial_rotary = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's first configs called it "su"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ModelFormatError(
                 f"{source}: RoPE scaling {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
             )
+        if not isinstance(partial_rotary, (int, float)) or not 0 < partial_rotary <= 1:
+            raise ModelFormatError(f"{source}: 'partial_rotary_factor' must be in (0, 1], got {partial_rotary!r}")
+        if int(head_dim * partial_rotary) % 2:
+            raise ModelFormatError(
+                f"{source}: partial_rotary_factor {partial_rotary} rotates {int(head_dim * partial_rotary)} of "
+                f"{head_dim} channels; RoPE rotates pairs, so that must be even"
+            )
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        if rope_type == "longrope":
+            rope_scaling = longrope_scaling(rope, hf, int(head_dim * partial_rotary), source)
 
         eos_ids = eos_token_ids(hf.get("eos_token_id"), source)
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
@@ -113,6 +183,13 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             sliding_window=sliding,
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
+            **gemma_fields(hf, arch, source),
+            **window_fields(hf, arch, sliding, source),
+            **(moe_fields(hf, arch, source) if ARCHITECTURES[arch].get("moe") else {}),
+            partial_rotary_factor=float(partial_rotary),
+            position_embedding=hf.get("position_embedding", "rope"),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
         )
 
     @classmethod
@@ -138,6 +215,120 @@ class ModelConfig:
             if gen_cfg.get("eos_token_id") is not None:
                 cfg.eos_token_ids = eos_token_ids(gen_cfg["eos_token_id"], str(gen))
         return cfg
+
+
+def moe_fields(hf: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """The routed-experts numbers of a Mixtral or Qwen-MoE config.json, checked."""
+    experts = hf.get("num_local_experts", hf.get("num_experts"))  # Mixtral's name, Qwen's name
+    top_k = hf.get("num_experts_per_tok")
+    if not isinstance(experts, int) or experts <= 0:
+        raise ModelFormatError(f"{source}: 'num_local_experts' (or 'num_experts') must be a positive integer")
+    if not isinstance(top_k, int) or not 0 < top_k <= experts:
+        raise ModelFormatError(f"{source}: 'num_experts_per_tok' must be an integer in 1..{experts}, got {top_k!r}")
+    size_key = "intermediate_size" if arch == "MixtralForCausalLM" else "moe_intermediate_size"  # Mixtral: MLP-sized
+    expert_size = hf.get(size_key)
+    if not isinstance(expert_size, int) or expert_size <= 0:
+        raise ModelFormatError(f"{source}: '{size_key}' must be a positive integer, got {expert_size!r}")
+    step = hf.get("decoder_sparse_step") or 1
+    if not isinstance(step, int) or step <= 0:
+        raise ModelFormatError(f"{source}: 'decoder_sparse_step' must be a positive integer, got {step!r}")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=expert_size,
+        norm_topk_prob=ARCHITECTURES[arch].get("norm_topk_prob", False) or bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=step,
+        mlp_only_layers=list(hf.get("mlp_only_layers") or []),
+        shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+    )
+
+
+def gemma_fields(hf: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """The MLP's activation, and what Gemma and Gemma 2 add (with transformers' defaults where a key is absent)."""
+    fields: dict[str, Any] = {"hidden_act": hf.get("hidden_activation") or hf.get("hidden_act", "silu")}
+    if not ARCHITECTURES[arch].get("gemma"):
+        return fields
+    fields.update(scale_embeddings=True, norm_plus_one=True)
+    if ARCHITECTURES[arch].get("sandwich_norms"):
+        fields.update(
+            sandwich_norms=True,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0),
+            final_logit_softcapping=hf.get("final_logit_softcapping", 30.0),
+        )
+        for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = fields[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ModelFormatError(f"{source}: {key!r} must be a positive number or null, got {value!r}")
+    return fields
+
+
+def window_fields(hf: dict[str, Any], arch: str, window: Any, source: str) -> dict[str, Any]:
+    """Which layers attend within the sliding window: `layer_types` when the config lists them, else the family's
+    rule as transformers applies it (Gemma 2: layers 0, 2, 4, ...; Qwen2/3: from max_window_layers on; else all)."""
+    if window is None:
+        return {"sliding_layers": []}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ModelFormatError(f"{source}: 'sliding_window' must be a positive integer or null, got {window!r}")
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n:
+            raise ModelFormatError(f"{source}: 'layer_types' must list one type for each of the {n} layers")
+        layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    elif arch == "Gemma2ForCausalLM":
+        layers = list(range(0, n, 2))
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        layers = list(range(hf.get("max_window_layers", n), n))
+    else:
+        layers = list(range(n))
+    return {"sliding_layers": layers}
+
+
+def gpt2_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """A GPT-2 config.json in the names the other families use (n_embd -> hidden_size, ...)."""
+    for key, value in (("add_cross_attention", False), ("scale_attn_weights", True)):
+        if hf.get(key, value) != value:
+            raise ModelFormatError(f"{source}: GPT-2 with {key}={hf[key]!r} is not supported")
+    n_embd = hf.get("n_embd")
+    return {
+        **hf,
+        "hidden_size": n_embd,
+        "intermediate_size": hf.get("n_inner") or (4 * n_embd if isinstance(n_embd, int) else None),
+        "num_hidden_layers": hf.get("n_layer"),
+        "num_attention_heads": hf.get("n_head"),
+        "num_key_value_heads": hf.get("n_head"),
+        "max_position_embeddings": hf.get("n_positions", 1024),
+        "hidden_act": hf.get("activation_function", "gelu_new"),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", True),  # GPT-2's output layer is its embedding
+        "position_embedding": "learned",
+    }
+
+
+def longrope_scaling(rope: dict[str, Any], hf: dict[str, Any], rotary_dim: int, source: str) -> dict[str, Any]:
+    """Phi-3's longrope: a short and a long divisor per frequency, the length from which the long ones are used,
+    and the factor cos and sin are multiplied by (when absent, a default that grows with the context's stretch)."""
+    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if not isinstance(original, int) or original <= 0:
+        raise ModelFormatError(f"{source}: longrope needs original_max_position_embeddings, got {original!r}")
+    for key in ("short_factor", "long_factor"):
+        factors = rope.get(key)
+        if not isinstance(factors, list) or len(factors) != rotary_dim // 2:
+            raise ModelFormatError(
+                f"{source}: longrope's {key} must be a list of {rotary_dim // 2} numbers (one per rotated channel "
+                f"pair), got {factors!r}"
+            )
+    factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:  # the LongRoPE paper's choice: grows with the log of the stretch
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return {
+        "rope_type": "longrope",
+        "short_factor": [float(f) for f in rope["short_factor"]],
+        "long_factor": [float(f) for f in rope["long_factor"]],
+        "original_max_position_embeddings": original,
+        "attention_factor": float(attention_factor),
+    }
 
 
 def eos_token_ids(value: Any, source: str) -> list[int]:

@@ -11,6 +11,7 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0  # x100 either way:
 INT32_END = 2**31  # token counts, top_k and token ids stay below this
 MAX_CANDIDATES = 64  # n and best_of: sequences one request may run at once
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit bias, either way
 SEED_END = 2**64  # torch.Generator.manual_seed takes a seed in [0, 2**64)
 
 
@@ -33,6 +34,9 @@ class SamplingParams:
     n: int = 1  # completions returned for the prompt
     best_of: int | None = None  # candidates generated (sharing the prompt's KV blocks); the n most likely returned
     logprobs: int | None = None  # with each token, its log-probability and this many most likely alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token from the second (the first has none)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties); in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be generated: every other logit is -inf
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -76,6 +80,22 @@ class SamplingParams:
                 raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS + 1)
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS + 1)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                _integer("logit_bias keys (token ids)", token, low=0, high=INT32_END)
+                _number(f"logit_bias[{token}]", bias, low=-MAX_LOGIT_BIAS, high=MAX_LOGIT_BIAS)
+            self.logit_bias = dict(self.logit_bias) or None  # {} biases nothing: the default
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple, set, frozenset)) or not self.allowed_token_ids:
+                wrong = self.allowed_token_ids
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {wrong!r}")
+            for t in self.allowed_token_ids:
+                _integer("allowed_token_ids", t, low=0, high=INT32_END)
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))
 
     @property
     def candidates(self) -> int:

@@ -27,7 +27,7 @@ from nanovllm.server_api import (
     finish_reason,
     sampling_params,
 )
-from nanovllm.server_logprobs import LogprobWriter, records_of
+from nanovllm.server_logprobs import LogprobWriter, prompt_logprobs_of, records_of
 from nanovllm.server_metrics import Metrics
 
 log = logging.getLogger("nanovllm.server")
@@ -177,7 +177,9 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
             for rid, _ in submitted:
                 engine.release(rid)
             code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
-            raise APIError(400, str(e), code=code) from None
+            fields = ("stop_token_ids", "logit_bias", "allowed_token_ids")  # their vocabulary check names them first
+            param = next((f for f in fields if str(e).startswith(f)), None)
+            raise APIError(400, str(e), param=param, code=code) from None
         created, rid0 = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": rid0, "object": kind, "created": created, "model": model_name}
@@ -199,8 +201,9 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         finally:
             for rid, _ in submitted:  # a request not waited to its end (an error, a disconnect) is aborted too
                 engine.release(rid)
-        choices = []
+        choices, prompt_logprobs = [], None
         for result in results:
+            prompt_logprobs = prompt_logprobs_of(llm.tokenizer, result["prompt_ids"], result)  # vLLM's extra
             for r in result.get("outputs", [result]):  # best_of: the n most likely candidates, best first
                 if r["finish_reason"] == "error":
                     raise APIError(500, "generation failed inside the engine", "server_error")
@@ -208,11 +211,14 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
                 lp = writer.write(r["token_ids"], records_of(r)) if writer else None
                 choice = {"index": len(choices), "logprobs": lp, "finish_reason": finish_reason(r["finish_reason"])}
                 choice |= {"message": {"role": "assistant", "content": r["text"]}} if chat else {"text": r["text"]}
+                if prompt_logprobs is not None and not chat:  # vLLM: on each completions choice
+                    choice["prompt_logprobs"] = prompt_logprobs
                 choices.append(choice)
         completion_tokens = sum(r["completion_tokens"] for r in results)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         usage["total_tokens"] = prompt_tokens + completion_tokens
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        extra = {"prompt_logprobs": prompt_logprobs} if chat and prompt_logprobs is not None else {}  # vLLM: top level
+        return JSONResponse({**head, "choices": choices, "usage": usage, **extra})
 
     @app.post("/v1/completions")
     async def completions(request: Request):

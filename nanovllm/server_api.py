@@ -21,9 +21,13 @@ SAMPLING_FIELDS = {
     "ignore_eos": "ignore_eos",
     "min_tokens": "min_tokens",
     "include_stop_str_in_output": "include_stop_str_in_output",
+    "logit_bias": "logit_bias",  # OpenAI's keys are token ids as strings: see logit_bias()
+    "allowed_token_ids": "allowed_token_ids",
+    "prompt_logprobs": "prompt_logprobs",
 }
+# not sampling fields, but known: read elsewhere (prompt, n, logprobs, ...) or without effect here (user, suffix)
 IGNORED = {"model", "stream", "stream_options", "user", "prompt", "messages", "n", "max_tokens", "return_token_ids",
-           "max_completion_tokens", "logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix"}  # fmt: skip
+           "max_completion_tokens", "logprobs", "top_logprobs", "echo", "best_of", "suffix"}  # fmt: skip
 MAX_CHOICES = 16
 
 
@@ -99,6 +103,10 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
         options["max_tokens"] = 256  # OpenAI: as long as the context allows; a bound keeps one request from hogging
     if isinstance(options.get("stop"), str):
         options["stop"] = [options["stop"]]
+    if "logit_bias" in options:
+        options["logit_bias"] = logit_bias(options["logit_bias"])
+    if options.get("prompt_logprobs") is not None and body.get("stream"):
+        raise APIError(400, "prompt_logprobs cannot be streamed", param="prompt_logprobs")
     options["logprobs"] = logprobs(body, chat)
     seed = options.get("seed")
     try:
@@ -134,6 +142,20 @@ def logprobs(body: dict, chat: bool) -> int | None:
         if not wanted:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return (k or 0) if wanted else None
+
+
+def logit_bias(value) -> dict:
+    """OpenAI's logit_bias, {"token id": bias}, with integer keys (JSON keys are strings); the values and the ids'
+    range are checked by SamplingParams and the engine."""
+    if not isinstance(value, dict):
+        raise APIError(400, f"logit_bias must be an object of token id -> bias, got {value!r}", param="logit_bias")
+    bias = {}
+    for key, v in value.items():
+        try:
+            bias[int(key)] = v
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+    return bias
 
 
 def best_of(body: dict, n: int, chat: bool) -> int | None:

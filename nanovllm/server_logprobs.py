@@ -13,6 +13,9 @@ text's UTF-8, not the token's raw bytes), and a tokenizer that drops a text's le
 Two alternatives that decode to the same string share one key of a completions top_logprobs dict: the more likely
 one is kept. text_offset is exact: where each token's text starts in the completion's text (0 = its start), from
 the same incremental decoding that makes that text.
+
+prompt_logprobs (vLLM's extra) come in vLLM's shape: None for the first prompt token, then per token a
+{token id: {"logprob", "decoded_token"}} dict, the prompt token first, then its k most likely alternatives.
 """
 
 from __future__ import annotations
@@ -67,3 +70,17 @@ class LogprobWriter:
 def records_of(result: dict) -> list[Record]:
     """The records in an engine result's "logprobs" (output()'s [{"logprob", "top"}])."""
     return [(e["logprob"], e["top"]) for e in result["logprobs"]]
+
+
+def prompt_logprobs_of(tokenizer: Tokenizer, prompt_ids: list[int], result: dict) -> list | None:
+    """An engine result's "prompt_logprobs" in vLLM's shape (None when the request did not ask for them)."""
+    entries = result.get("prompt_logprobs")
+    if entries is None:
+        return None
+    out: list = [None]
+    for token, e in zip(prompt_ids[1:], entries[1:]):
+        found = {str(token): {"logprob": e["logprob"], "decoded_token": tokenizer.decode([token])}}
+        for alt, alt_lp in e["top"]:
+            found.setdefault(str(alt), {"logprob": alt_lp, "decoded_token": tokenizer.decode([alt])})
+        out.append(found)
+    return out

@@ -15,7 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODELS = ROOT / "tests" / "models"
 SHARED = ROOT.parent / "shared"
 PACKAGES = ("nanovllm", "chapters")
-FAMILIES = ["tiny-llama", "tiny-llama3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+FAMILIES = [
+    "tiny-llama",
+    "tiny-llama3",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mixtral",
+    "tiny-qwen3-moe",
+    "tiny-gemma",
+    "tiny-gemma2",
+    "tiny-mistral-window",
+    "tiny-gpt2",
+    "tiny-phi3",
+    "tiny-qwen2-moe",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

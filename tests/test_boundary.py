@@ -226,6 +226,8 @@ FINAL_ENGINE_ARGS = [  # the options chapters 6 and 7 add to the engine
     ({"enforce_eager": 0}, TypeError, "enforce_eager"),
     ({"fuse_projections": 1}, TypeError, "fuse_projections"),
     ({"fuse_projections": None}, TypeError, "fuse_projections"),
+    ({"linear_kernel": "blas"}, ValueError, "linear_kernel"),
+    ({"linear_kernel": True}, TypeError, "linear_kernel"),
     ({"quantization": "int3"}, ValueError, "quantization"),
     ({"quantization": 8}, ValueError, "quantization"),
     ({"quantize_lm_head": "no"}, TypeError, "quantize_lm_head"),

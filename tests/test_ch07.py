@@ -95,7 +95,13 @@ def test_every_family_loads_quantized_and_generates(family, scheme):
     full = LLM(str(TINY_MODELS / family))
     llm = LLM(str(TINY_MODELS / family), quantization=scheme)
     linear = [m for m in llm.model.modules() if type(m).__name__ == "QuantLinear"]
-    assert len(linear) == 4 * llm.config.num_layers + 1  # qkv, o, gate_up, down in each layer, and the lm_head
+    cfg = llm.config  # qkv and o in each layer, gate_up and down in its MLP or in each of its experts, the lm_head
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    shared = bool(cfg.shared_expert_intermediate_size)  # Qwen2-MoE: a shared expert beside the routed ones
+    mlps = cfg.num_layers + moe_layers * (cfg.num_experts + shared - 1)
+    assert len(linear) == 2 * cfg.num_layers + 2 * mlps + 1
+    routers = [m for m in llm.model.modules() if type(m) is torch.nn.Linear]  # routers and gates stay full precision
+    assert len(routers) == moe_layers * (1 + shared)
     assert llm.weight_bytes < full.weight_bytes
     out = llm.generate([[1, 5, 9, 13]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert len(out[0]["token_ids"]) == 6

@@ -15,6 +15,7 @@ import torch
 import nanovllm.engine.llm_engine as engine_module
 from conftest import ROOT, TINY_MODELS
 from nanovllm.config import ModelConfig
+from nanovllm.engine.beam_search import BeamSearch, BeamSearchParams, update_searches
 from nanovllm.engine.kv_cache import KVPool
 from nanovllm.sampling_params import SamplingParams
 
@@ -317,15 +318,26 @@ def test_no_import_runs_from_layers_up_into_engine():
 # ---- everything at once ----------------------------------------------------------------------------------
 
 
+_lone_engines: dict[str, object] = {}
+
+
+def lone_beams(prompt, params):
+    """A beam search's sequences, run alone in a fresh engine of the current MODEL."""
+    if MODEL not in _lone_engines:
+        _lone_engines[MODEL] = engine()
+    return [o["token_ids"] for o in _lone_engines[MODEL].beam_search([prompt], params)[0]["outputs"]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch, alone, seed):
-    """Random requests (greedy and seeded) in a tiny pool with a small token budget (chunks, preemption), random
-    aborts, random exceptions in the forward pass and in the sampler. Every request ends exactly once; those that
-    were neither aborted nor failed have their lone-run tokens; every block comes back; and the prefix cache
-    left behind gives every prompt its lone-run tokens again."""
+    """Random requests (greedy, seeded, n and best_of candidates) and beam searches in a tiny pool with a small
+    token budget (chunks, preemption, parked beams giving their blocks back), random aborts, random exceptions in
+    the forward pass and in the sampler. Every request and candidate ends exactly once; those that were neither
+    aborted nor failed have their lone-run tokens (beams: their lone-run beams); every block comes back; and the
+    prefix cache left behind gives every prompt its lone-run tokens again."""
     rng = random.Random(seed)
-    llm = engine(blocks=18, max_num_batched_tokens=rng.choice([6, 16]), max_num_seqs=rng.choice([2, 4]))
+    llm = engine(blocks=14, max_num_batched_tokens=rng.choice([6, 16]), max_num_seqs=rng.choice([2, 4]))
     real_sample = engine_module.sample
 
     def flaky_sample(logits, batch):
@@ -337,40 +349,80 @@ def test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch, alon
     forward_faults = Fault(llm, calls=set(rng.sample(range(1, 400), 25)))
     kinds = [greedy(rng.randint(1, 12)) for _ in range(3)]
     kinds += [SamplingParams(temperature=0.8, top_k=20, max_tokens=8, seed=s, ignore_eos=True) for s in (1, 2)]
-    requests, finished, aborted, step = {}, [], set(), 0
-    while len(requests) < 24 or llm.has_unfinished():
-        if len(requests) < 24 and rng.random() < 0.5:
+    kinds += [SamplingParams(temperature=0, max_tokens=5, n=2, ignore_eos=True)]
+    kinds += [SamplingParams(temperature=0.8, max_tokens=5, n=2, best_of=3, seed=3, ignore_eos=True)]
+    kinds += [BeamSearchParams(2, 5, ignore_eos=True), BeamSearchParams(3, 4)]
+    requests, searches, finished, aborted, step = {}, [], [], set(), 0
+    beam_ids: set[int] = set()  # engine requests that hold beams: their outputs are the searches' business
+    while len(requests) + len(searches) < 24 or llm.has_unfinished() or not all(s.done for s, _, _ in searches):
+        if len(requests) + len(searches) < 24 and rng.random() < 0.5:
             params = rng.choice(kinds)
             prompt = rng.choice(PROMPTS)
-            requests[llm.add_request(prompt, params)] = (prompt, params)
+            if isinstance(params, BeamSearchParams):
+                searches.append((BeamSearch(llm, prompt, params), prompt, params))
+            else:
+                requests[llm.add_request(prompt, params)] = (prompt, params)
         if requests and rng.random() < 0.05:
             rid = rng.choice(list(requests))
             if not llm.requests[rid].is_finished:
                 llm.abort(rid)
                 aborted.add(rid)
+        if searches and rng.random() < 0.02:
+            rng.choice(searches)[0].abort()
+        update_searches([s for s, _, _ in searches])
+        beam_ids |= {rid for s, _, _ in searches for rid in s.request_ids}
         try:
-            finished += [o.request_id for o in llm.step() if o.finished]
+            finished += [o.request_id for o in llm.step() if o.finished and o.request_id not in beam_ids]
         except RuntimeError as e:
             assert "injected" in str(e)
         step += 1
         assert step < 3000
     forward_faults.remove()
     monkeypatch.setattr(engine_module, "sample", real_sample)
-    assert sorted(finished) == sorted(set(requests) - aborted)  # each exactly once
+    members = {rid: llm.groups[rid] for rid in requests}  # a request and its candidates
+    assert len(finished) == len(set(finished))  # none ends twice
+    assert {m for rid in requests if rid not in aborted for m in members[rid]} <= set(finished)
     errors = 0
     for rid, (prompt, params) in requests.items():
-        out = llm.output(rid)
+        outs = [llm.output(m) for m in members[rid]]
         if rid in aborted:
-            assert out["finish_reason"] == "abort"
-        elif out["finish_reason"] == "error":
+            assert any(o["finish_reason"] == "abort" for o in outs)
+        elif any(o["finish_reason"] == "error" for o in outs):
             errors += 1
-            assert "injected sampling failure" in out["error"]
+            assert all("injected sampling failure" in o["error"] for o in outs if o["finish_reason"] == "error")
         else:
-            assert out["token_ids"] == alone(prompt, params), (rid, params)
+            assert len(outs) == params.candidates
+            assert llm.result(rid)["token_ids"] == alone(prompt, params), (rid, params)
         llm.release(rid)
+    for search, prompt, params in searches:
+        result = search.result()
+        if search.finish_reason == "error":
+            errors += 1
+            assert "injected sampling failure" in result["error"]
+        elif search.finish_reason is None:  # not aborted
+            assert [o["token_ids"] for o in result["outputs"]] == lone_beams(prompt, params), params
+    assert any(s.finish_reason is None for s, _, _ in searches) and llm.stats["preemptions"] > 0
     assert_idle(llm)
     for b, block in enumerate(llm.block_manager.blocks):  # every cached block is findable under its own hash
         if block.hash != -1 and llm.block_manager.hash_to_block.get(block.hash) == b:
             assert block.token_ids
     for prompt in PROMPTS:  # served from the prefix cache the stress test left behind
         assert llm.generate([prompt], greedy(), use_tqdm=False)[0]["token_ids"] == alone(prompt, greedy())
+
+
+@pytest.mark.slow
+def test_stress_with_a_sliding_window_model_loses_nothing(monkeypatch):
+    """The stress test above on Gemma 2: a window of 5 tokens (not a multiple of the blocks of 4) on alternate
+    layers, soft caps, its own query scale; chunks, preemption and the prefix cache read windows that cross blocks.
+    Lone runs of the same model are the reference."""
+    monkeypatch.setattr(f"{__name__}.MODEL", str(TINY_MODELS / "tiny-gemma2"))
+    lone, cache = engine(), {}
+
+    def alone(prompt, params):
+        key = (tuple(prompt), repr(params))
+        if key not in cache:
+            cache[key] = lone.generate([prompt], params, use_tqdm=False)[0]["token_ids"]
+        return cache[key]
+
+    assert lone.model.model.layers[0].self_attn.spec.window == 5
+    test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch=monkeypatch, alone=alone, seed=0)

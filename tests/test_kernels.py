@@ -176,3 +176,50 @@ def test_a_compiler_that_fails_leaves_the_pytorch_path(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernels._load.cache_clear()
+
+
+def windowed_reference(q, k_cache, v_cache, tables, lengths, scale, window, softcap):
+    """float64 decode attention of each sequence's last query over its last `window` positions, scores scaled and
+    soft-capped (softcap * tanh(s / softcap)), written out here from the positions (transformers' Gemma 2 order)."""
+    S, Hq, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = []
+    for s, n in enumerate(lengths):
+        first = max(0, n - window) if window else 0
+        slots = [tables[s][p // bs] * bs + p % bs for p in range(first, n)]
+        k = k_cache.view(-1, Hkv, D)[slots].double().repeat_interleave(Hq // Hkv, 1)  # (n', Hq, D)
+        v = v_cache.view(-1, Hkv, D)[slots].double().repeat_interleave(Hq // Hkv, 1)
+        scores = torch.einsum("hd,lhd->hl", q[s].double(), k) * scale  # (Hq, n')
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (11, 2.0), (1, None), (None, 1.5), (64, 3.0)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sliding_window_soft_cap_and_scale(window, softcap, threads):
+    """Windows under a block of 8, across blocks and wider than some contexts; keys before each window are NaN, so
+    any read of them shows. The scale is a model's own (Gemma 2's query_pre_attn_scalar ** -0.5), not 1/sqrt(D)."""
+    lengths = [1, 5, 6, 8, 9, 40, 100]
+    inputs, _, tables = random_case(len(lengths), 8, 2, 16, 8, lengths, seed=3)
+    q, k_cache, v_cache, block_tables, context_lens = inputs
+    q = q * 4  # large scores, where the cap bends them
+    expected = windowed_reference(q, k_cache, v_cache, tables, lengths, 0.3, window, softcap)
+    if window:
+        for t, n in zip(tables, lengths):
+            for p in range(max(0, n - window)):
+                k_cache[t[p // 8], p % 8] = v_cache[t[p // 8], p % 8] = float("nan")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale=0.3, window=window, softcap=softcap
+        )
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, softcap=-1.0)

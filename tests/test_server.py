@@ -355,3 +355,73 @@ def test_best_of_runs_the_engines_candidates(server, client, offline, llm):
                 model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], extra_body=bad
             )
         assert e.value.param == param
+
+
+# ---- logit_bias, allowed_token_ids, prompt_logprobs ---------------------------------------------------------
+
+
+def test_logit_bias_and_allowed_token_ids_are_the_offline_engines(client, offline):
+    """OpenAI's logit_bias (token ids as string keys) and vLLM's allowed_token_ids extra: the offline answers."""
+    from nanovllm import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=1)
+    first = offline.engine.generate(["Once"], greedy, use_tqdm=False)[0]["token_ids"][0]
+    want = offline("Once", 6, logit_bias={first: -100.0})
+    assert want != offline("Once", 6)  # the bias changes the answer: the test can tell
+    r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=6, temperature=0,
+                                  logit_bias={str(first): -100})  # fmt: skip
+    assert r.choices[0].text == want
+    messages = [{"role": "user", "content": "Hi"}]
+    chat_first = offline.engine.generate(["user: Hi\nassistant:"], greedy, use_tqdm=False)[0]
+    bias = {chat_first["token_ids"][0]: -100.0}
+    r = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                       logit_bias={str(t): b for t, b in bias.items()})  # fmt: skip
+    assert r.choices[0].message.content == offline("user: Hi\nassistant:", 6, logit_bias=bias)
+    allowed = [first, 300, 301, 302]
+    r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=6, temperature=0,
+                                  extra_body={"allowed_token_ids": allowed})  # fmt: skip
+    assert r.choices[0].text == offline("Once", 6, allowed_token_ids=allowed) != offline("Once", 6)
+
+
+def test_prompt_logprobs_in_vllms_shape(server, offline, llm):
+    from nanovllm import SamplingParams
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "Once upon a time", "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["prompt_logprobs"]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    want = offline.engine.generate(["Once upon a time"], params, use_tqdm=False)[0]
+    ids = offline.engine.tokenizer.encode("Once upon a time")
+    assert got[0] is None and len(got) == len(ids) == len(want["prompt_logprobs"])
+    for token, mine, theirs in zip(ids[1:], got[1:], want["prompt_logprobs"][1:]):
+        assert list(mine)[0] == str(token) and mine[str(token)]["logprob"] == pytest.approx(theirs["logprob"], abs=1e-5)
+        assert all(mine[str(t)]["logprob"] == pytest.approx(lp, abs=1e-5) for t, lp in theirs["top"])
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_logprobs": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=headers)
+    assert r.status_code == 200 and r.json()["prompt_logprobs"][0] is None and len(r.json()["prompt_logprobs"]) > 1
+    assert idle(llm)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 200}}, "logit_bias"),
+        ({"logit_bias": {"100000": 1}}, "logit_bias"),  # outside the vocabulary: found at submission
+        ({"logit_bias": [5]}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [100000]}, "allowed_token_ids"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ],
+)
+def test_bad_bias_allowed_and_prompt_logprobs_are_400s(server, llm, extra, param):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", chat)):
+        r = httpx.post(server.url + path, json={**body, "max_tokens": 2, **extra}, headers=headers)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+    assert idle(llm)

@@ -206,3 +206,81 @@ def test_bad_arguments_are_refused():
         tk.varlen_prefill_attention(q, k_cache, v_cache, tables, torch.tensor([0, 1, 3], dtype=torch.int32), lens)
     with pytest.raises(IndexError, match="context lengths"):
         decode(q, k_cache, v_cache, tables, torch.tensor([5, 13], dtype=torch.int32))  # 13 > 3 blocks x 4
+
+
+def layer_reference(q, k, v, first_pos, scale, window, softcap):
+    """reference() for a layer with its own scale, a sliding window (positions p - window + 1 .. p) and a soft cap."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)  # (L, Hq, D)
+    v = v.double().repeat_interleave(group, 1)
+    scores = torch.einsum("thd,lhd->htl", q.double().cpu(), k) * scale  # (Hq, T, L)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = first_pos + torch.arange(q.shape[0])[:, None]  # (T, 1)
+    key = torch.arange(k.shape[0])[None, :]  # (1, L)
+    visible = (key <= q_pos) & ((key > q_pos - window) if window else True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("htl,lhd->thd", scores.softmax(-1), v)  # (T, Hq, D)
+
+
+def poison_before(k_cache, v_cache, tables, first: list[int]) -> None:
+    """NaN into each sequence's positions before `first[s]`: what a window must not read."""
+    block_size = k_cache.shape[1]
+    for s, n in enumerate(first):
+        for p in range(n):
+            b = int(tables[s, p // block_size])
+            k_cache[b, p % block_size] = v_cache[b, p % block_size] = float("nan")
+
+
+# (window, softcap): a window under a block of 16 and not a multiple of it; one across tiles of 128 (the interpreter's)
+# and blocks; a window of one; a cap alone
+WINDOWS = [(5, None), (11, 2.0), (130, 3.0), (1, None), (None, 1.5)]
+
+
+@pytest.mark.parametrize("window, softcap", WINDOWS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_sliding_window_and_soft_cap(window, softcap, num_splits):
+    lengths, hkv, group, d = [1, 5, 6, 16, 17, 300], 2, 2, 32
+    k_cache, v_cache, tables, lens, keys, values = make_case(lengths, hkv, d, 16, torch.float32, seed=6)
+    q = 4 * torch.randn(len(lengths), hkv * group, d, device=DEVICE)  # large scores, where the cap bends them
+    expected = torch.cat(
+        [layer_reference(q[s : s + 1], keys[s], values[s], n - 1, 0.3, window, softcap) for s, n in enumerate(lengths)]
+    )
+    if window:
+        poison_before(k_cache, v_cache, tables, [max(0, n - window) for n in lengths])
+    out = tk.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, scale=0.3, num_splits=num_splits, window=window, softcap=softcap
+    )
+    check(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("window, softcap", WINDOWS)
+def test_prefill_sliding_window_and_soft_cap(window, softcap):
+    """Chunks after cached context and first prompts; a query tile's rows see different windows."""
+    cases = [(1, 1), (16, 16), (17, 17), (300, 200), (23, 5)]
+    lengths, hkv, group, d = [n for n, _ in cases], 2, 2, 32
+    k_cache, v_cache, tables, lens, keys, values = make_case(lengths, hkv, d, 16, torch.float32, seed=7)
+    q_lens = torch.tensor([0] + [t for _, t in cases])
+    q_start = q_lens.cumsum(0).to(torch.int32).to(DEVICE)  # (S + 1,)
+    q = 4 * torch.randn(int(q_lens.sum()), hkv * group, d, device=DEVICE)
+    expected = torch.cat(
+        [
+            layer_reference(q[q_start[s] : q_start[s + 1]], keys[s], values[s], n - t, 0.3, window, softcap)
+            for s, (n, t) in enumerate(cases)
+        ]
+    )
+    if window:  # before the window of each chunk's first token
+        poison_before(k_cache, v_cache, tables, [max(0, n - t - window + 1) for n, t in cases])
+    out = tk.varlen_prefill_attention(
+        q, k_cache, v_cache, tables, q_start, lens, scale=0.3, window=window, softcap=softcap
+    )
+    check(out, expected, torch.float32)
+
+
+def test_window_and_softcap_arguments_are_checked():
+    k_cache, v_cache, tables, lens, _, _ = make_case([4], 1, 16, 4, torch.float32)
+    q = torch.randn(1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="window"):
+        tk.paged_decode_attention(q, k_cache, v_cache, tables, lens, window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        tk.paged_decode_attention(q, k_cache, v_cache, tables, lens, softcap=0.0)

@@ -16,11 +16,18 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from train_default_model import portable_tokenizer_config  # tools/ is on the path when run as a script
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "models"
@@ -78,6 +85,84 @@ FAMILIES = {
     "tiny-qwen2": (Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
     # Qwen3: RMSNorm on q and k per head; head_dim 32 though hidden / heads = 16
     "tiny-qwen3": (Qwen3Config, dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+    # Mixtral: 4 experts, each token to 2 of them (weights renormalised), untied
+    "tiny-mixtral": (
+        MixtralConfig,
+        dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    ),
+    # Qwen3-MoE: 8 experts of size 96, top-2 renormalised (norm_topk_prob, as Qwen3-30B-A3B); layer 1 of 3 is a
+    # dense MLP of size 128 (mlp_only_layers); head_dim 32 though hidden / heads = 16
+    "tiny-qwen3-moe": (
+        Qwen3MoeConfig,
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=96,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Gemma: embeddings x sqrt(hidden), (1 + weight) norms, GeGLU (tanh gelu), multi-query, head_dim 24 (not 64 / 4),
+    # tied embeddings
+    "tiny-gemma": (GemmaConfig, dict(num_key_value_heads=1, head_dim=24, hidden_act="gelu_pytorch_tanh")),
+    # Gemma 2: 3 layers, a window of 5 tokens (under a block, not a multiple of 4 or 16) on layers 0 and 2, soft caps
+    # small enough to bend random weights' scores (the tokens change without it) and logits (up to 13 uncapped), a
+    # query scale of 20 ** -0.5 (head_dim is 32); untied: tied, its random embeddings make it repeat the last token
+    "tiny-gemma2": (
+        Gemma2Config,
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=5,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=4.0,
+            final_logit_softcapping=10.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Mistral with a window of 7 on every layer: sequences run far past it
+    "tiny-mistral-window": (MistralConfig, dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=7)),
+    # GPT-2: learned positions (a table of 48: the longest oracle sequence, 44 tokens, fits), LayerNorm, GELU MLP,
+    # biases, Conv1D weights, tied output; an odd vocabulary, larger than the tokenizer's (as real checkpoints pad it)
+    "tiny-gpt2": (GPT2Config, dict(vocab_size=391, max_position_embeddings=48, n_inner=128)),
+    # Phi-3: fused qkv_proj and gate_up_proj, GQA 4 -> 2, RoPE on half of each head (partial_rotary_factor), and
+    # longrope (cos and sin scaled by its attention factor); the oracle's sequences (up to 44 tokens) stay under
+    # original_max_position_embeddings: transformers' generate recomputes the whole cache with the long factors
+    # when a sequence crosses it, which our engines do not (tests/test_models.py checks the crossing token by token)
+    "tiny-phi3": (
+        Phi3Config,
+        dict(
+            num_key_value_heads=2,
+            max_position_embeddings=96,
+            original_max_position_embeddings=48,
+            partial_rotary_factor=0.5,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.1, 1.4, 2.0],
+                "long_factor": [1.0, 2.5, 6.0, 16.0],
+            },
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen2-MoE: bias on q, k, v; 6 experts of size 64, top-2 not renormalised (norm_topk_prob false, as
+    # Qwen1.5-MoE-A2.7B), and a shared expert of size 96 behind a sigmoid gate
+    "tiny-qwen2-moe": (
+        Qwen2MoeConfig,
+        dict(
+            num_key_value_heads=2,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=96,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -102,7 +187,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen)
-        if "norm" in name:
+        if "norm" in name or name.endswith((".ln_1.weight", ".ln_2.weight", ".ln_f.weight")):  # GPT-2's LayerNorms
             p.copy_(1.0 + 0.2 * noise)
         elif name.endswith("bias"):
             p.copy_(0.1 * noise)
@@ -143,7 +228,8 @@ def main() -> None:
         config = config_cls(**{**COMMON, **extra})
         config.architectures = [config_cls.__name__.replace("Config", "ForCausalLM")]
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+        attn = "eager" if config_cls is Gemma2Config else "sdpa"  # PyTorch's sdpa has no soft cap
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
         randomize(model, seed)
         folder = OUT / name
         model.save_pretrained(folder, safe_serialization=True)

@@ -16,7 +16,7 @@ from nanovllm.engine.io import (
     prepare_inputs,
     request_generator,
 )
-from nanovllm.layers.attention import causal_attention
+from nanovllm.layers.attention import AttentionSpec, causal_attention, spec_causal_attention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import load_model
@@ -32,15 +32,26 @@ LATER_SAMPLING_FIELDS = (
     "stop",
     "include_stop_str_in_output",
     "min_tokens",  # chapter 4 bans EOS and stop ids until then; merely not stopping would change the tokens
-    "n",  # the final engine's: candidates that share the prompt's blocks, and log-probabilities
+    "n",  # from here on the final engine's: candidates sharing blocks, log-probabilities, logit bias, allowed ids
     "best_of",
     "logprobs",
+    "prompt_logprobs",
+    "logit_bias",
+    "allowed_token_ids",
 )
+FINAL_ENGINE_FIELDS = set(LATER_SAMPLING_FIELDS[LATER_SAMPLING_FIELDS.index("n") :])
 
 
-def no_cache_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The attention backend of chapter 1: K and V of the whole sequence arrive every step; nothing is kept."""
-    return causal_attention(q, k, v)
+def no_cache_attention(
+    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None = None
+) -> torch.Tensor:
+    """The attention backend of chapter 1: K and V of the whole sequence arrive every step; nothing is kept.
+
+    A layer with a spec (a sliding window, Gemma 2's soft cap and scale) brings it along: the same causal
+    attention, through a mask narrowed to the window."""
+    if spec is None:
+        return causal_attention(q, k, v)
+    return spec_causal_attention(q, k, v, spec)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
@@ -93,7 +104,7 @@ def naive_generate(
     tokens = list(prompt_ids)
     output: list[int] = []
     while True:
-        ids = torch.tensor([tokens], device=model.inv_freq.device)  # (1, n)
+        ids = torch.tensor([tokens], device=model.lm_head.weight.device)  # (1, n)
         positions = torch.arange(len(tokens), device=ids.device)[None]  # (1, n)
         hidden = model(ids, positions, no_cache_attention)  # (1, n, E)
         logits = model.compute_logits(hidden[0, -1])  # (V,): only the last position is needed
@@ -140,7 +151,7 @@ class LLM:
         inputs = prepare_inputs(self.tokenizer, prompts, sampling_params, self.max_model_len, self.config.vocab_size)
         for i, (ids, params) in enumerate(inputs):
             if later := params.non_default(LATER_SAMPLING_FIELDS):
-                where = "the final engine (nanovllm)" if set(later) <= {"n", "best_of", "logprobs"} else "chapter 4"
+                where = "the final engine (nanovllm)" if set(later) <= FINAL_ENGINE_FIELDS else "chapter 4"
                 raise ValueError(f"{self.chapter} samples with temperature only; {later} arrive in {where}")
             if params.greedy and params.temperature != 0.0:  # too small to divide the logits by: argmax
                 inputs[i] = (ids, dataclasses.replace(params, temperature=0.0))

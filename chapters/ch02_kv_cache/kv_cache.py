@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanovllm.layers.attention import masked_attention, padded_causal_mask
+from nanovllm.layers.attention import AttentionSpec, masked_attention, padded_causal_mask, window_mask
 
 
 def write_kv(
@@ -53,9 +53,17 @@ class ContiguousKVCache:
         """Set this step's positions (B, T) for B <= rows; the mask is the same for every layer, so build it once."""
         self.positions, self.batch = positions, positions.shape[0]
         self.mask = padded_causal_mask(positions, int(positions.max()) + 1)
+        self.window_masks: dict[int, torch.Tensor] = {}  # a sliding-window layer's narrower mask, by window
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         k_cache, v_cache = self.k[layer_idx, : self.batch], self.v[layer_idx, : self.batch]
         write_kv(k_cache, v_cache, k, v, self.positions)
         S = self.mask.shape[-1]
-        return masked_attention(q, k_cache[:, :S], v_cache[:, :S], self.mask)
+        mask = self.mask
+        if spec is not None and spec.window is not None:  # keys older than the window are kept, but not read
+            if spec.window not in self.window_masks:
+                self.window_masks[spec.window] = window_mask(self.mask, self.positions, spec.window)
+            mask = self.window_masks[spec.window]
+        return masked_attention(q, k_cache[:, :S], v_cache[:, :S], mask, spec=spec)

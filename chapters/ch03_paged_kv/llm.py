@@ -14,7 +14,15 @@ from nanovllm.engine.block_manager import BlockManager, worst_case_tokens
 from nanovllm.engine.io import Prompt, check_engine_args, finish_reason, make_output
 from nanovllm.engine.kv_cache import KVPool, pool_for_model, slot_mapping
 from nanovllm.engine.sequence import Sequence, Status
-from nanovllm.layers.attention import GatherBuffer, pad_block_tables, padded_causal_mask, paged_attention, store_kv
+from nanovllm.layers.attention import (
+    AttentionSpec,
+    GatherBuffer,
+    pad_block_tables,
+    padded_causal_mask,
+    paged_attention,
+    store_kv,
+    window_mask,
+)
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -45,12 +53,20 @@ class PagedAttention:
         self.slots = slots[self.stored]
         self.positions = torch.tensor(positions, device=device)  # (B, T)
         self.mask = padded_causal_mask(self.positions, width * bs)  # (B, T, S): the same for every layer
+        self.window_masks: dict[int, torch.Tensor] = {}  # a sliding-window layer's narrower mask, by window
         return torch.tensor(ids, device=device), self.positions
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         store_kv(k_cache, v_cache, k.flatten(0, 1)[self.stored], v.flatten(0, 1)[self.stored], self.slots)
-        return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions, self.mask, self.buffers)
+        mask = self.mask
+        if spec is not None and spec.window is not None:  # blocks older than the window stay, unread
+            if spec.window not in self.window_masks:
+                self.window_masks[spec.window] = window_mask(self.mask, self.positions, spec.window)
+            mask = self.window_masks[spec.window]
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.positions, mask, self.buffers, spec)
 
 
 class LLM(Chapter1LLM):

@@ -19,6 +19,7 @@ class LLM(LLMEngine):
     pinned: dict[str, object] = {
         "enforce_eager": True,  # chapter 6's
         "fuse_projections": False,
+        "linear_kernel": "torch",
         "quantization": None,  # chapter 7's
         "quantize_lm_head": True,
     }

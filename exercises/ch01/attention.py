@@ -6,10 +6,11 @@ Check your work with: pytest --impl=exercises -m ch01 -k "task4"
 
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, masked_attention, store_kv, gather_kv, pad_block_tables, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionSpec, AttentionBackend, spec_causal_attention, masked_attention, softcapped_attention, window_mask, store_kv, gather_kv, pad_block_tables, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

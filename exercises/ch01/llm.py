@@ -17,11 +17,11 @@ from nanovllm.engine.io import (
     prepare_inputs,
     request_generator,
 )
-from nanovllm.layers.attention import causal_attention
+from nanovllm.layers.attention import AttentionSpec, causal_attention, spec_causal_attention
 from nanovllm.models import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import load_model
-from chapters.ch01_naive.llm import LATER_SAMPLING_FIELDS, no_cache_attention, LLM  # the rest of the file, as given
+from chapters.ch01_naive.llm import LATER_SAMPLING_FIELDS, FINAL_ENGINE_FIELDS, no_cache_attention, LLM  # the rest of the file, as given
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 import torch
-from nanovllm.layers.rotary import rope_inv_freq, rope_cos_sin  # the rest of the file, as given
+from nanovllm.layers.rotary import rope_inv_freq, rope_cos_sin, longrope_cos_sin, apply_partial_rotary  # the rest of the file, as given
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

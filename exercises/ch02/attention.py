@@ -6,10 +6,11 @@ Check your work with: pytest --impl=exercises -m ch02 -k "task2"
 
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, gather_kv, pad_block_tables, GatherBuffer, paged_attention  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionSpec, AttentionBackend, causal_attention, spec_causal_attention, masked_attention, softcapped_attention, window_mask, store_kv, gather_kv, pad_block_tables, GatherBuffer, paged_attention  # the rest of the file, as given
 
 
 def padded_causal_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ Check your work with: pytest --impl=exercises -m ch02 -k "task1"
 
 from __future__ import annotations
 import torch
-from nanovllm.layers.attention import masked_attention, padded_causal_mask
+from nanovllm.layers.attention import AttentionSpec, masked_attention, padded_causal_mask, window_mask
 from chapters.ch02_kv_cache.kv_cache import ContiguousKVCache  # the rest of the file, as given
 
 

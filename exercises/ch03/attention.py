@@ -6,10 +6,11 @@ Check your work with: pytest --impl=exercises -m ch03 -k "task6"
 
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 from typing import Protocol
 import torch
 import torch.nn.functional as F
-from nanovllm.layers.attention import AttentionBackend, causal_attention, masked_attention, store_kv, pad_block_tables, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
+from nanovllm.layers.attention import AttentionSpec, AttentionBackend, causal_attention, spec_causal_attention, masked_attention, softcapped_attention, window_mask, store_kv, pad_block_tables, GatherBuffer, paged_attention, padded_causal_mask  # the rest of the file, as given
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

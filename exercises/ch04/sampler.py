@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.layers.sampler import SamplingBatch, apply_penalties, block_stop_tokens, sample  # the rest of the file, as given
+from nanovllm.layers.sampler import SamplingBatch, apply_logit_bias, apply_penalties, block_stop_tokens, sample  # the rest of the file, as given
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from nanovllm.kernels.triton import _common as c
-from nanovllm.kernels.triton.decode_attention import LOG2E, _decode_kernel, _reduce_kernel, choose_num_splits, _num_sms, paged_decode_attention  # the rest of the file, as given
+from nanovllm.kernels.triton.decode_attention import LOG2E, soft_cap, _decode_kernel, _reduce_kernel, choose_num_splits, _num_sms, paged_decode_attention  # the rest of the file, as given
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def attend_blocks(
     q, k_ptr, v_ptr, table_ptr, kvh, start, end, scale_log2,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    SOFTCAP_LOG2: tl.constexpr = 0.0,
 ):  # fmt: skip
     """The decode kernel's loop: one query tile against positions start .. end - 1 of a sequence, read in place.
 
@@ -54,11 +55,13 @@ def attend_blocks(
         k_ptr, v_ptr: the layer's K and V pool.
         table_ptr: the sequence's row of the block table (int32 block ids).
         kvh: the KV head.
-        start, end: the positions to attend to; start is a multiple of BLOCK_N; start >= end is an empty range.
+        start, end: the positions to attend to (a sliding window's start need not be a multiple of BLOCK_N);
+            start >= end is an empty range.
         scale_log2: the score scale x log2(e), so that scores are in base 2 for exp2.
         HKV, D, BLOCK_SIZE: KV heads, head size and tokens per block of the pool.
         BLOCK_G, BLOCK_D, BLOCK_N: the tile: query rows, head size padded to a power of 2, positions per step.
         DOT_F32: cast K and V to float32 before tl.dot.
+        SOFTCAP_LOG2: Gemma 2's soft cap x log2(e), applied by soft_cap to each tile's scores; 0 for none.
     Returns:
         (m, l, acc) of online_softmax_update after the last tile: (BLOCK_G,), (BLOCK_G,), (BLOCK_G, BLOCK_D) float32,
         unnormalized; (-inf, 0, 0) for an empty range.

@@ -7,10 +7,10 @@ Check your work with: pytest --impl=exercises -m ch06 -k "task3"
 from __future__ import annotations
 import torch
 from torch import nn
-from nanovllm.layers.activation import silu_and_mul
+from nanovllm.layers.activation import gated_activation
 from nanovllm.layers.attention import AttentionBackend
 from nanovllm.layers.linear import Linear
-from nanovllm.layers.rotary import apply_rotary
+from nanovllm.layers.rotary import apply_partial_rotary
 from nanovllm.models.llama import MLP, DecoderForCausalLM, SelfAttention
 from nanovllm.models.fused import fused_linear, FusedSelfAttention, FusedMLP, fuse_projections_  # the rest of the file, as given
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from nanovllm.kernels.cpu import INT4_GROUP_SIZES
 from nanovllm.layers.linear import Linear
-from nanovllm.layers.quantization import SCHEMES, dequantize_int8, dequantize_int4, QuantLinear, cpu_kernels, quantize_model_, weight_bytes  # the rest of the file, as given
+from nanovllm.layers.quantization import SCHEMES, dequantize_int8, dequantize_int4, QuantLinear, kernel_path, triton_kernels, cpu_kernels, quantize_model_, weight_bytes  # the rest of the file, as given
 import nanovllm.layers.quantization as _reference
 
 
@@ -51,7 +51,9 @@ class QuantLinear(_reference.QuantLinear):
 
 On the CPU, a few rows at a time (decode steps) go to a C kernel that reads the quantized bytes and does
 integer dot products; many rows (prefill chunks, big batches), where the matmul is compute-bound rather than
-bound by reading weights, or a machine without the kernel, dequantize the weight and use a float matmul. Yours: the methods below; the rest is inherited."""
+bound by reading weights, or a machine without the kernel, dequantize the weight and use a float matmul.
+On a CUDA GPU every step goes to a Triton kernel (nanovllm/kernels/triton/quant_matmul.py) that reads the
+quantized bytes and multiplies in x's dtype on the tensor cores; kernel_path() below decides. Yours: the methods below; the rest is inherited."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b with the quantized W: (..., in) -> (..., out), in x's dtype.
@@ -59,6 +61,6 @@ bound by reading weights, or a machine without the kernel, dequantize the weight
         Rows go to the C kernel (integer dot products over the quantized bytes) when x is on the CPU, the kernel
         is available and there are at most quant_kernel_max_rows() of them (measured per code path: where the
         kernel still beats fp32); otherwise W is dequantized to float32 and multiplied as a float matrix (the same
-        weights, without the activation rounding the kernel does).
+        weights, without the activation rounding the kernel does). On a CUDA GPU with Triton: triton_forward.
         """
         raise NotImplementedError("ch07 task 3: a quantized linear layer's forward")

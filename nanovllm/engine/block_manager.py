@@ -85,7 +85,7 @@ class BlockManager:
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids that already hold this sequence's leading full blocks (never all its tokens)."""
         hits: list[int] = []
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.wants_prompt_logits:
             return hits
         prev = NO_HASH
         # the last token is always computed: its logits choose the next token

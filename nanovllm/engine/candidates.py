@@ -54,6 +54,27 @@ def record_logprob(seq: Sequence, token: int, logprobs: torch.Tensor) -> None:
         seq.token_logprobs.append((value, alternatives))
 
 
+def record_prompt_logprobs(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+    """Logprobs of the prompt tokens this step's chunk scores: logits (n, V) at positions start.. of the sequence,
+    where position p's logits score the prompt token at p + 1. Recomputed positions (after a preemption) overwrite."""
+    del seq.prompt_logprobs[start + 1 :]
+    targets = seq.token_ids[start + 1 : seq.num_prompt_tokens][: len(logits)]
+    if not targets:
+        return
+    logprobs = logits[: len(targets)].float().log_softmax(-1)  # (m, V)
+    chosen = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()  # (m,)
+    k = seq.params.prompt_logprobs
+    top = logprobs.topk(k) if k else None
+    for j, value in enumerate(chosen):
+        alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
+        seq.prompt_logprobs.append((value, alternatives))
+
+
 def best_of(results: list[dict], n: int) -> list[dict]:
-    """The n results with the highest cumulative log-probability, best first (ties keep the first candidate)."""
+    """The n results with the highest cumulative log-probability, best first: what best_of returns of its candidates.
+
+    Each result is one candidate's output dict, with its "cumulative_logprob" (the sum of its tokens' logprobs).
+    Candidates with equal sums keep their order (the first candidate first): sort stably. Returns the dicts
+    themselves, not copies; fewer than n if there are fewer results.
+    """
     return sorted(results, key=lambda r: -r["cumulative_logprob"])[:n]

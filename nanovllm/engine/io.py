@@ -9,6 +9,7 @@ from typing import Union
 import torch
 
 from nanovllm.errors import PromptTooLongError
+from nanovllm.layers.linear import LINEAR_KERNELS
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.loader import check_device, parse_quantization, resolve_dtype
 from nanovllm.utils.tokenizer import Tokenizer, incremental_text
@@ -44,8 +45,16 @@ def prepare_inputs(
     for p in params:
         if not isinstance(p, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
-        if bad := [t for t in p.stop_token_ids if t >= vocab_size]:
-            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        for name, ids in (("stop_token_ids", p.stop_token_ids), ("logit_bias", p.logit_bias or ()),
+                          ("allowed_token_ids", p.allowed_token_ids or ())):  # fmt: skip
+            if bad := [t for t in ids if t >= vocab_size]:
+                raise ValueError(f"{name} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        ends = set(p.stop_token_ids) | (set() if p.ignore_eos else set(tokenizer.eos_token_ids))
+        if p.allowed_token_ids and p.min_tokens and set(p.allowed_token_ids) <= ends:  # every logit would be -inf
+            raise ValueError(
+                f"allowed_token_ids {p.allowed_token_ids[:5]} are all EOS or stop ids, which min_tokens={p.min_tokens} "
+                f"bans: no token could be generated"
+            )
     return [(prompt_ids(tokenizer, p, max_model_len, vocab_size), sp) for p, sp in zip(prompts, params)]
 
 
@@ -196,6 +205,14 @@ def _text(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a string, got {_describe(value)}")
 
 
+def _linear_kernel(name: str, value: object) -> None:
+    choices = " or ".join(map(repr, LINEAR_KERNELS))
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be {choices} or None, got {_describe(value)}")
+    if value is not None and value not in LINEAR_KERNELS:
+        raise ValueError(f"{name} must be {choices} or None, got {value!r}")
+
+
 _ENGINE_ARGS = {
     "dtype": lambda name, value: resolve_dtype(value),
     "device": lambda name, value: check_device(value),
@@ -211,6 +228,7 @@ _ENGINE_ARGS = {
     "attention_backend": _text,  # its values are checked where the backend is chosen
     "enforce_eager": _optional_flag,  # chapter 6: None lets the device decide
     "fuse_projections": _flag,
+    "linear_kernel": _linear_kernel,
     "quantization": lambda name, value: parse_quantization(value),  # chapter 7
     "quantize_lm_head": _flag,
 }

@@ -11,14 +11,16 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from nanovllm.engine.beam_search import BeamSearchParams, beam_search
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.candidates import Row, best_of, candidate_rows, record_logprob
+from nanovllm.engine.candidates import Row, best_of, candidate_rows, record_logprob, record_prompt_logprobs
 from nanovllm.engine.io import Prompt, check_engine_args, check_prompt, prepare_inputs, request_generator
 from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.linear import use_linear_kernel_
 from nanovllm.layers.paged_attention import BACKENDS
 from nanovllm.layers.quantization import weight_bytes
 from nanovllm.layers.sampler import SamplingBatch, sample
@@ -61,6 +63,7 @@ class LLMEngine:
         attention_backend: str = "auto",
         enforce_eager: bool | None = None,
         fuse_projections: bool = True,
+        linear_kernel: str | None = None,
         quantization: str | None = None,
         quantize_lm_head: bool = True,
     ):
@@ -68,6 +71,8 @@ class LLMEngine:
         CUDA graphs on a GPU, an eager replay on a CPU (what the tests check; on a CPU it buys nothing, so None,
         the default, means graphs on a GPU and plain eager steps on a CPU); True runs every step eagerly.
         fuse_projections concatenates q/k/v and gate/up weights at load time (fewer, bigger matmuls).
+        linear_kernel 'c' multiplies float32 weights by up to LINEAR_KERNEL_MAX_ROWS rows (decode steps) in a C
+        kernel on the CPU (nanovllm/kernels/linear_cpu.c), 'torch' always in PyTorch; None: 'c' where it can run.
 
         Chapter 7's: quantization None (full precision), 'int8' (per output channel) or 'int4' (groups of 32 inputs;
         'int4-g64', 'int4-g128' for bigger groups), applied at load time to every linear layer of the decoder, and to
@@ -87,6 +92,7 @@ class LLMEngine:
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
             fuse_projections=fuse_projections,
+            linear_kernel=linear_kernel,
             quantization=quantization,
             quantize_lm_head=quantize_lm_head,
         )
@@ -100,6 +106,7 @@ class LLMEngine:
         )
         self.quantization = quantization
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.linear_kernel = use_linear_kernel_(self.model, linear_kernel, device)  # 'c' or 'torch'
         cfg = self.config
         self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
         self.device = device
@@ -161,6 +168,8 @@ class LLMEngine:
         with self.lock:
             seq = Sequence(ids, params, generator=request_generator(params, self.generator))
             seq.request_id, seq.forks_left = next(self._ids), params.candidates - 1
+            if params.prompt_logprobs is not None:  # the first prompt token has none: nothing comes before it
+                seq.prompt_logprobs = [None]
             self.groups[seq.request_id] = [seq.request_id]
             eos = self.tokenizer.eos_token_ids
             self.outputs[seq.request_id] = OutputProcessor(self.tokenizer, ids, params, eos, self.max_model_len)
@@ -239,7 +248,10 @@ class LLMEngine:
             return []
         # a sequence samples once this step's tokens reach its end (a chunked prefill part-way does not)
         ready = [i for i, (s, n) in enumerate(zip(plan.seqs, plan.num_tokens)) if s.num_computed_tokens + n == len(s)]
-        logits = self.runner.run(plan.seqs, plan.num_tokens, ready, plan.copies)
+        every = [i for i, s in enumerate(plan.seqs) if s.wants_prompt_logits]  # prompt_logprobs: every position
+        logits, prompt_logits = self.runner.run(plan.seqs, plan.num_tokens, ready, plan.copies, every)
+        for i, chunk in prompt_logits.items():
+            record_prompt_logprobs(plan.seqs[i], plan.seqs[i].num_computed_tokens, chunk)
         rows = candidate_rows([plan.seqs[i] for i in ready], self.generator)
         if len(rows) > len(ready):  # a prompt just computed draws for each of its candidates from its logits
             logits = logits[[r.logits_row for r in rows]]
@@ -304,7 +316,7 @@ class LLMEngine:
                 outputs.append(StepOutput(seq.request_id, [], True, "error", out.take_new_text()))
                 continue
             seq.token_ids.append(token)
-            if i in logprobs:  # the model's own distribution (before temperature and filters), as OpenAI reports
+            if i in logprobs:  # the model's own (before bias, penalties, temperature, filters): vLLM's raw_logprobs
                 record_logprob(seq, token, logprobs[i])
             reason = out.append(seq.output_ids)
             if reason is not None:
@@ -329,6 +341,9 @@ class LLMEngine:
                 result["cumulative_logprob"] = seq.cumulative_logprob
             if seq.params.logprobs is not None:
                 result["logprobs"] = [{"logprob": lp, "top": top} for lp, top in seq.token_logprobs]
+            if seq.prompt_logprobs is not None:  # the request's first sequence holds them (not its candidates)
+                records = seq.prompt_logprobs[1:]
+                result["prompt_logprobs"] = [None] + [{"logprob": lp, "top": top} for lp, top in records]
             return result
 
     def result(self, request_id: int) -> dict:
@@ -340,7 +355,8 @@ class LLMEngine:
                 return self.output(request_id)
             results = [self.output(m) for m in self.groups.get(request_id, [request_id]) if m in self.requests]
             chosen = best_of(results, seq.params.n)
-            return {**chosen[0], "outputs": chosen}
+            shared = {"prompt_logprobs": results[0]["prompt_logprobs"]} if "prompt_logprobs" in results[0] else {}
+            return {**chosen[0], **shared, "outputs": chosen}
 
     def _done(self, request_id: int) -> bool:
         """Finished, with every candidate (or aborted or released by another thread)."""
@@ -350,6 +366,11 @@ class LLMEngine:
         return all(
             self.requests[m].is_finished for m in self.groups.get(request_id, [request_id]) if m in self.requests
         )
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamSearchParams) -> list[dict]:
+        """Beam search over each prompt, with vLLM's semantics; beams share KV blocks by forking. One result per
+        prompt, in order: the best sequence, with all beam_width of them under "outputs" (engine/beam_search.py)."""
+        return beam_search(self, prompts, params)
 
     # ---- the batch API every chapter shares --------------------------------------------------------------
 

@@ -69,16 +69,27 @@ class ModelRunner:
         num_tokens: list[int],
         sample_rows: list[int],
         copies: list[tuple[int, int]] = (),
-    ) -> torch.Tensor:
-        """Forward this step's tokens; logits (len(sample_rows), V) at the last token of the listed sequences.
+        every_rows: list[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Forward this step's tokens; logits (len(sample_rows), V) at the last token of the listed sequences, and
+        for each sequence i in every_rows, logits (num_tokens[i], V) at every token it computed (prompt logprobs).
 
         `copies` are copy-on-write block pairs (src, dst) the scheduler asked for: done before anything is stored.
         """
         if copies:
             self.pool.copy_blocks(copies)
-        if self.graphs is not None and self.graphs.can_run(num_tokens):  # every decode samples: no prefill here
-            return self.graphs.run(seqs)[sample_rows]
+        if self.graphs is not None and self.graphs.can_run(num_tokens):  # one token each: a decode, or a 1-token chunk
+            logits = self.graphs.run(seqs)
+            return logits[sample_rows], {i: logits[i : i + 1] for i in every_rows}
         ids, layout, last = self.prepare(seqs, num_tokens)
         self.attention.begin_step(layout)
         hidden = self.model(ids, layout.positions[None], self.attention)  # (1, N, E)
-        return self.model.compute_logits(hidden[0, [last[i] for i in sample_rows]])
+        # the output layer only where logits are wanted: its (rows, V) product is a large part of a step
+        rows = [last[i] for i in sample_rows]
+        for i in every_rows:
+            rows += range(last[i] - num_tokens[i] + 1, last[i] + 1)
+        logits = self.model.compute_logits(hidden[0, rows])  # (len(rows), V)
+        every, start = {}, len(sample_rows)
+        for i in every_rows:
+            every[i], start = logits[start : start + num_tokens[i]], start + num_tokens[i]
+        return logits[: len(sample_rows)], every

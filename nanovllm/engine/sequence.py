@@ -37,6 +37,7 @@ class Sequence:
     forks_left: int = 0  # candidates still to fork from it once its prompt is computed (best_of / n > 1)
     cumulative_logprob: float = 0.0  # sum of its output tokens' log-probabilities
     token_logprobs: list = field(default_factory=list)  # per output token: (logprob, [(alternative, logprob)])
+    prompt_logprobs: list | None = None  # prompt_logprobs asked: None, then one record per prompt token computed
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)
@@ -53,6 +54,12 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """It asked for prompt logprobs and some are still to compute: every prompt position needs its logits, so
+        the prefix cache, whose blocks have none, is skipped (as vLLM does)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

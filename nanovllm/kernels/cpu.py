@@ -27,12 +27,13 @@ KERNELS = Path(__file__).parent
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # each library is built from KERNELS / f"{name}.c"; these are the functions it exports: name -> (restype, argtypes)
 LIBRARIES = {
-    "paged_attention_cpu": {"paged_decode_attention": (_I, [_P] * 6 + [_I] * 7 + [_F, _I])},
+    "paged_attention_cpu": {"paged_decode_attention": (_I, [_P] * 6 + [_I] * 7 + [_F, _I, _F, _I])},
     "quant_linear_cpu": {
         "int8_linear": (_I, [_P] * 5 + [_I] * 4),
         "int4_linear": (_I, [_P] * 5 + [_I] * 5),
         "quant_linear_isa": (ctypes.c_char_p, []),
     },
+    "linear_cpu": {"fp32_linear": (_I, [_P] * 4 + [_I] * 4), "dense_linear_lanes": (_I, [])},
 }
 # tried in order, the first that compiles is used: not every compiler knows -march=native or OpenMP (macOS's clang)
 FLAG_SETS = (
@@ -145,11 +146,15 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     out: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention read in place from the block pool: what paged_attention computes for one query per sequence.
 
     Sequence s attends to its positions 0 .. context_lens[s] - 1, found through block_tables[s]; nothing past
-    its own length is read, so sequences of any lengths share one call, unpadded and unmasked.
+    its own length is read, so sequences of any lengths share one call, unpadded and unmasked. With a window, only
+    the last `window` of them (nothing before is read); with a soft cap, scores s become softcap * tanh(s / softcap).
 
     Args:
         q: (S, Hq, D) float32, one query per sequence (its newest token, whose K/V are already stored).
@@ -157,9 +162,16 @@ def paged_decode_attention(
         block_tables: (S, max_blocks) int32 physical block ids.
         context_lens: (S,) int32, each sequence's length including its newest token.
         out: optional (S, Hq, D) float32 tensor to write into.
+        scale: the score scale, head_dim ** -0.5 by default.
+        window: attend to the last `window` positions only (a sliding-window layer); None: all of them.
+        softcap: cap the scores (Gemma 2); None: no cap.
     Returns:
         (S, Hq, D) attention output.
     """
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"the C paged attention kernel is not available: {why}")
@@ -183,8 +195,8 @@ def paged_decode_attention(
         return out
     error = lib.paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
-        out.data_ptr(), S, Hq, Hkv, D, block_size, block_tables.shape[1], num_blocks, D**-0.5,
-        torch.get_num_threads(),
+        out.data_ptr(), S, Hq, Hkv, D, block_size, block_tables.shape[1], num_blocks,
+        D**-0.5 if scale is None else scale, window or 0, softcap or 0.0, torch.get_num_threads(),
     )  # fmt: skip
     if error == 1:
         raise IndexError("a context length or block id is out of range of the block tables or the pool")
@@ -347,3 +359,55 @@ def int4_linear(
         raise ValueError(f"in ({in_features}, twice qweight's columns) must be a multiple of group_size {group_size}")
     _check("scales", scales, torch.float32, (qweight.shape[0], in_features // group_size))
     return _quant_linear("int4_linear", x, in_features, qweight, scales, bias, out, group_size)
+
+
+# Up to this many rows of x (tokens in a step), the engine's Linear layers call fp32_linear: it beat fp32 `x @ W_t` on
+# every decode shape of llama-20m and llama-134m at 1 to 64 rows, one thread, on the development CPU (a Zen 4, AVX-512;
+# 1.1-1.4x at 64 rows, ~1x at 128; benchmarks/results/cpu-linear-kernel.md). Past it a prefill's rows go to PyTorch.
+LINEAR_KERNEL_MAX_ROWS = 64
+
+
+def linear_kernel_unavailable() -> str | None:
+    """None when the fp32 linear kernel is ready to use; otherwise why it is not."""
+    return _load("linear_cpu")[1]
+
+
+def fp32_linear(
+    x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ w_t (+ bias) for a few rows of x, with w_t = W^T (in, out) as nanovllm.layers.linear.Linear keeps it.
+
+    The same products as PyTorch's, summed in another order (float32 rounding apart, the same result); faster up to
+    LINEAR_KERNEL_MAX_ROWS rows, where a step is bound by reading w_t and by each matmul's fixed cost.
+
+    Args:
+        x: (..., in) float32 activations, contiguous.
+        w_t: (in, out) float32, contiguous.
+        bias: optional (out,) float32.
+        out: optional (..., out) float32 tensor to write into.
+    Returns:
+        (..., out) float32.
+    """
+    if w_t.dim() != 2:
+        raise ValueError(f"w_t must be (in, out), got shape {tuple(w_t.shape)}")
+    in_features, out_features = w_t.shape
+    _check("w_t", w_t, torch.float32)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
+    _check("x", x, torch.float32)
+    if bias is not None:
+        _check("bias", bias, torch.float32, (out_features,))
+    shape = (*x.shape[:-1], out_features)
+    if out is None:
+        out = x.new_empty(shape)
+    else:
+        _check("out", out, torch.float32, shape)
+    if out.numel():  # (in = 0 too: then the kernel writes the bias, or zeros)
+        lib, why = _load("linear_cpu")
+        if lib is None:
+            raise RuntimeError(f"the C linear kernel is not available: {why}")
+        lib.fp32_linear(
+            x.data_ptr(), w_t.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            out.numel() // out_features, out_features, in_features, torch.get_num_threads(),
+        )  # fmt: skip
+    return out

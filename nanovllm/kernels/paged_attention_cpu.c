@@ -12,6 +12,10 @@
  *   tables        (S, max_blocks) int32      physical block ids; entries past a sequence's length are not read
  *   lens          (S,) int32                 context length of each sequence, its new token included
  *
+ * A sliding-window layer (window > 0) attends to each sequence's last `window` positions only: the loops start
+ * there, so nothing before the window is read. A soft cap (softcap > 0, Gemma 2) bends each scaled score s into
+ * softcap * tanh(s / softcap) before the softmax.
+ *
  * Query head h reads KV head h / (Hq / Hkv) (grouped-query attention). Work is split over sequences (and over
  * KV heads when there are fewer sequences than threads) by OpenMP. Built with -fopenmp on Linux, this library
  * shares the OpenMP runtime torch has already loaded (same soname), so it runs on torch's own worker threads.
@@ -30,10 +34,13 @@ typedef struct {
   float *out;
   int S, Hq, Hkv, D, bs, max_blocks, num_blocks;
   float scale;
+  int window; /* 0: none */
+  float softcap; /* 0: none */
 } Job;
 
-/* Attention of sequence s's query heads [h0, h1) (whole GQA groups) over its lens[s] cached tokens.
- * Two passes over the context: scores q.k for every position, then the softmax-weighted sum of V. */
+/* Attention of sequence s's query heads [h0, h1) (whole GQA groups) over its lens[s] cached tokens (its last
+ * `window` of them in a sliding-window layer). Two passes over the context: scores q.k for every position, then
+ * the softmax-weighted sum of V. scores[(h - h0) * n + t - first] holds position t's score. */
 static inline __attribute__((always_inline)) int attend(const Job *a, int s, int h0, int h1, float *scores,
                                                         const int D) {
   const int group = a->Hq / a->Hkv, bs = a->bs, L = a->lens[s];
@@ -42,39 +49,43 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
   const float *q = a->q + (int64_t)s * a->Hq * D;
   float *out = a->out + (int64_t)s * a->Hq * D;
   if (L < 1 || L > a->max_blocks * bs) return 1;
-  for (int j = 0; j * bs < L; j++)
+  const int first = a->window > 0 && L > a->window ? L - a->window : 0, n = L - first; /* positions attended */
+  for (int j = first / bs; j * bs < L; j++)
     if (table[j] < 0 || table[j] >= a->num_blocks) return 1;
 
-  for (int j = 0, t0 = 0; t0 < L; j++, t0 += bs) { /* pass 1: scores (h1 - h0, L) */
+  /* block j holds positions t0 .. t0 + bs - 1; the first block may start before the window, at offset i0 */
+  for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 1: scores (h1 - h0, n) */
     const float *kb = a->k + table[j] * block;
-    const int n = L - t0 < bs ? L - t0 : bs;
-    for (int i = 0; i < n; i++)
+    const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
+    for (int i = i0; i < i1; i++)
       for (int h = h0; h < h1; h++) {
         const float *k = kb + i * slot + (h / group) * D, *qh = q + (int64_t)h * D;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int d = 0; d < D; d++) dot += qh[d] * k[d];
-        scores[(int64_t)(h - h0) * L + t0 + i] = dot * a->scale;
+        float s = dot * a->scale;
+        if (a->softcap > 0.f) s = a->softcap * tanhf(s / a->softcap);
+        scores[(int64_t)(h - h0) * n + t0 + i - first] = s;
       }
   }
   for (int h = h0; h < h1; h++) { /* softmax over each head's scores, in place */
-    float *sc = scores + (int64_t)(h - h0) * L, max = -INFINITY, sum = 0.f;
+    float *sc = scores + (int64_t)(h - h0) * n, max = -INFINITY, sum = 0.f;
 #pragma omp simd reduction(max : max)
-    for (int t = 0; t < L; t++) max = sc[t] > max ? sc[t] : max;
+    for (int t = 0; t < n; t++) max = sc[t] > max ? sc[t] : max;
 #pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < L; t++) sum += (sc[t] = expf(sc[t] - max));
+    for (int t = 0; t < n; t++) sum += (sc[t] = expf(sc[t] - max));
     const float inv = 1.f / sum;
 #pragma omp simd
-    for (int t = 0; t < L; t++) sc[t] *= inv;
+    for (int t = 0; t < n; t++) sc[t] *= inv;
     for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = 0.f;
   }
-  for (int j = 0, t0 = 0; t0 < L; j++, t0 += bs) { /* pass 2: out[h] = sum_t p[h][t] v[t] */
+  for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 2: out[h] = sum_t p[h][t] v[t] */
     const float *vb = a->v + table[j] * block;
-    const int n = L - t0 < bs ? L - t0 : bs;
-    for (int i = 0; i < n; i++)
+    const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
+    for (int i = i0; i < i1; i++)
       for (int h = h0; h < h1; h++) {
         const float *v = vb + i * slot + (h / group) * D;
-        const float p = scores[(int64_t)(h - h0) * L + t0 + i];
+        const float p = scores[(int64_t)(h - h0) * n + t0 + i - first];
         float *o = out + (int64_t)h * D;
 #pragma omp simd
         for (int d = 0; d < D; d++) o[d] += p * v[d];
@@ -95,12 +106,13 @@ static int attend_any(const Job *a, int s, int h0, int h1, float *scores) {
 /* Returns 0 on success, 1 when a length or block id is out of range, 2 when memory ran out. */
 int paged_decode_attention(const float *q, const float *k, const float *v, const int32_t *tables, const int32_t *lens,
                            float *out, int S, int Hq, int Hkv, int D, int bs, int max_blocks, int num_blocks,
-                           float scale, int num_threads) {
+                           float scale, int window, float softcap, int num_threads) {
   int64_t floats = 0; /* K and V this call reads */
   int longest = 1;
   for (int s = 0; s < S; s++) {
-    floats += 2 * (int64_t)lens[s] * Hkv * D;
-    longest = lens[s] > longest ? lens[s] : longest;
+    const int n = window > 0 && lens[s] > window ? window : lens[s]; /* the positions sequence s reads */
+    floats += 2 * (int64_t)n * Hkv * D;
+    longest = n > longest ? n : longest;
   }
   int threads = num_threads;
   if (threads > floats / MIN_FLOATS_PER_THREAD) threads = (int)(floats / MIN_FLOATS_PER_THREAD);
@@ -108,7 +120,7 @@ int paged_decode_attention(const float *q, const float *k, const float *v, const
   int splits = 1; /* fewer sequences than threads: give each thread a share of every sequence's KV heads */
   while (S * splits < threads && splits < Hkv) splits++;
   const int tasks = S * splits, kv_per_split = (Hkv + splits - 1) / splits, group = Hq / Hkv;
-  const Job job = {q, k, v, tables, lens, out, S, Hq, Hkv, D, bs, max_blocks, num_blocks, scale};
+  const Job job = {q, k, v, tables, lens, out, S, Hq, Hkv, D, bs, max_blocks, num_blocks, scale, window, softcap};
   int error = 0;
 #pragma omp parallel num_threads(threads) reduction(max : error)
   {

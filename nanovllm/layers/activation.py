@@ -1,4 +1,4 @@
-"""SwiGLU, the gated activation of the Llama MLP."""
+"""SwiGLU, the gated activation of the Llama MLP (and GeGLU, Gemma's)."""
 
 import torch
 import torch.nn.functional as F
@@ -17,3 +17,11 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         (..., F) tensor.
     """
     return F.silu(gate) * up
+
+
+def gated_activation(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's gate by the config's activation: SwiGLU ('silu'), or GeGLU, gelu(gate) * up, which Gemma uses with
+    gelu's tanh approximation ('gelu_pytorch_tanh') and older configs exactly ('gelu')."""
+    if act == "silu":
+        return silu_and_mul(gate, up)
+    return F.gelu(gate, approximate="tanh" if act == "gelu_pytorch_tanh" else "none") * up

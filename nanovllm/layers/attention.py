@@ -1,12 +1,29 @@
-"""Attention math shared by every chapter: scaled dot-product attention with a causal mask and grouped KV heads."""
+"""Attention math shared by every chapter: scaled dot-product attention with a causal mask and grouped KV heads,
+and a layer's own attention (AttentionSpec: a sliding window, Gemma 2's soft cap and scale)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer attends, where it differs from causal attention scaled by head_dim ** -0.5 (Llama's).
+
+    scale: the score scale (Gemma 2: query_pre_attn_scalar ** -0.5); None is head_dim ** -0.5.
+    window: a query at position p sees keys at positions p - window + 1 .. p only, the last `window` tokens with
+        itself (transformers' rule: kv_idx > q_idx - sliding_window); None sees every earlier position.
+    softcap: each score s becomes softcap * tanh(s / softcap) before the softmax (Gemma 2); None leaves it.
+    """
+
+    scale: float | None = None
+    window: int | None = None
+    softcap: float | None = None
 
 
 class AttentionBackend(Protocol):
@@ -14,10 +31,14 @@ class AttentionBackend(Protocol):
 
     Each attention layer hands its rotated q, k, v to the backend and gets the attention
     output back. A backend decides where K and V are kept (nowhere, a contiguous cache,
-    paged blocks) and which past tokens each query sees.
+    paged blocks) and which past tokens each query sees. A layer that attends otherwise
+    than Llama's (a sliding window, soft-capped scores, its own scale) passes its
+    AttentionSpec as a fifth argument; a Llama layer calls with four.
     """
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         """q: (B, T, Hq, D); k, v: (B, T, Hkv, D) for the new tokens. Returns (B, T, Hq, D)."""
         ...
 
@@ -39,18 +60,81 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return masked_attention(q, k, v, mask=None, causal=True)
 
 
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False
+def spec_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None
 ) -> torch.Tensor:
-    """Attention of q (B, Tq, Hq, D) over k, v (B, Tk, Hkv, D) with a boolean mask (B, Tq, Tk) (True = may attend)."""
+    """causal_attention over one whole sequence (positions 0 .. T - 1) for a layer with an AttentionSpec (or None)."""
+    if spec is None:
+        return causal_attention(q, k, v)
+    if spec.window is None:
+        return masked_attention(q, k, v, mask=None, causal=True, spec=spec)
+    positions = torch.arange(q.shape[1], device=q.device)[None]  # (1, T)
+    mask = window_mask(padded_causal_mask(positions, q.shape[1]), positions, spec.window)  # (1, T, T)
+    return masked_attention(q, k, v, mask.expand(q.shape[0], -1, -1), spec=spec)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool = False,
+    spec: AttentionSpec | None = None,
+) -> torch.Tensor:
+    """Attention of q (B, Tq, Hq, D) over k, v (B, Tk, Hkv, D) with a boolean mask (B, Tq, Tk) (True = may attend).
+
+    `spec` brings the layer's scale and soft cap; its window is the mask's business (window_mask).
+    """
     q = q.transpose(1, 2)  # (B, Hq, Tq, D)
     k = k.transpose(1, 2)  # (B, Hkv, Tk, D)
     v = v.transpose(1, 2)
     if mask is not None:
         mask = mask[:, None]  # (B, 1, Tq, Tk): the same for every head
-    # enable_gqa lets query head h read KV head h // (Hq / Hkv) without copying K and V Hq / Hkv times
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=True)
+    scale = spec.scale if spec else None
+    if spec is not None and spec.softcap is not None:
+        out = softcapped_attention(q, k, v, mask, causal, scale, spec.softcap)
+    else:
+        # enable_gqa lets query head h read KV head h // (Hq / Hkv) without copying K and V Hq / Hkv times
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=True
+        )
     return out.transpose(1, 2)  # (B, Tq, Hq, D)
+
+
+def softcapped_attention(q, k, v, mask, causal: bool, scale: float | None, softcap: float) -> torch.Tensor:
+    """q (B, Hq, Tq, D) over k, v (B, Hkv, Tk, D), scores capped: softcap * tanh(s / softcap) (Gemma 2).
+
+    PyTorch's fused attention has no soft cap, so this one writes the scores out: the cap bends each score before
+    the mask and the softmax, which no rescaling of q or k can do.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, Hq, Tk, D): query head h reads KV head h // group
+    v = v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, Hq, Tq, Tk)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()  # (Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, Hq, Tq, D)
+
+
+def window_mask(mask: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Narrow a mask by position (B, T, S), slot j = position j, to a sliding window: j > p - window as well.
+
+    A query at position p then sees positions p - window + 1 .. p: the last `window` tokens, itself included.
+
+    Args:
+        mask: (B, T, S) boolean, from padded_causal_mask (slot j holds position j).
+        positions: (B, T) the queries' positions.
+        window: the window, or None (the mask as it is).
+    Returns:
+        (B, T, S) boolean mask.
+    """
+    if window is None:
+        return mask
+    slots = torch.arange(mask.shape[-1], device=mask.device)  # (S,)
+    return mask & (slots[None, None, :] > positions[:, :, None] - window)  # (B, T, S)
 
 
 def store_kv(
@@ -121,18 +205,20 @@ def paged_attention(
     positions: torch.Tensor,
     mask: torch.Tensor | None = None,
     buffers: tuple[GatherBuffer, GatherBuffer] | None = None,
+    spec: AttentionSpec | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, T, Hq, D) at `positions` (B, T) over each sequence's cached K/V, read through block tables.
 
-    `mask` (B, T, S), from `padded_causal_mask`, is the same for every layer: engines build it once per step.
-    `buffers` (for K, for V) hold the gathered copies; without them each call allocates its own.
+    `mask` (B, T, S), from `padded_causal_mask` (window_mask for a windowed layer), is the same for every layer
+    of a kind: engines build it once per step. `buffers` (for K, for V) hold the gathered copies; without them each
+    call allocates its own. `spec`: the layer's scale and soft cap (and its window, when no mask is given).
     """
     k_out, v_out = (b.out_for(k_cache, block_tables) for b in buffers) if buffers else (None, None)
     k = gather_kv(k_cache, block_tables, k_out)  # (B, S, Hkv, D)
     v = gather_kv(v_cache, block_tables, v_out)
     if mask is None:
-        mask = padded_causal_mask(positions, k.shape[1])
-    return masked_attention(q, k, v, mask)
+        mask = window_mask(padded_causal_mask(positions, k.shape[1]), positions, spec.window if spec else None)
+    return masked_attention(q, k, v, mask, spec=spec)
 
 
 def padded_causal_mask(positions: torch.Tensor, num_slots: int) -> torch.Tensor:

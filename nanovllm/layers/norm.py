@@ -26,10 +26,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """plus_one (Gemma): the scale is 1 + weight, and the whole norm runs in float32 before the cast back, as
+    transformers' Gemma does it (Llama casts before the weight)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.plus_one = eps, plus_one
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plus_one:
+            return rms_norm(x.float(), 1.0 + self.weight.float(), self.eps).to(x.dtype)
         return rms_norm(x, self.weight, self.eps)

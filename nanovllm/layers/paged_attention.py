@@ -8,12 +8,14 @@ import torch
 
 from nanovllm.kernels.cpu import c_kernels_unavailable, paged_decode_attention
 from nanovllm.layers.attention import (
+    AttentionSpec,
     GatherBuffer,
-    causal_attention,
     pad_block_tables,
     padded_causal_mask,
     paged_attention,
+    spec_causal_attention,
     store_kv,
+    window_mask,
 )
 
 
@@ -40,7 +42,12 @@ class StepLayout:
 
 class PagedAttention:
     """Store every new token's K/V by slot mapping, then attend: decodes by the subclass's method, prefill chunks
-    in PyTorch (a chunk after cached context reads it through its block table; a first chunk is plainly causal)."""
+    in PyTorch (a chunk after cached context reads it through its block table; a first chunk is plainly causal).
+
+    Every backend honours a layer's AttentionSpec: its scale, its soft cap and its sliding window. The window only
+    narrows what is read; no block is freed when it slides out of every window (Gemma 2's global layers still read
+    it, and an all-window model such as Mistral would need holes in its block tables and in the prefix cache).
+    """
 
     name = "paged"
 
@@ -55,6 +62,7 @@ class PagedAttention:
         """Build what every layer reads by, once per step."""
         self.store_rows = None
         self.layout, device, bs = layout, layout.positions.device, self.pool.block_size
+        self.window_masks: dict = {}
         self.num_decodes = len(layout.decode_tables)
         self.prefill_tables = [torch.tensor([c.block_table], device=device) for c in layout.prefills]  # (1, blocks)
         self.prefill_masks = [  # (1, n, blocks * block_size) after cached context; None for a first chunk
@@ -89,6 +97,7 @@ class PagedAttention:
         lets a backend whose store cannot skip slot -1 store the real rows alone.
         """
         self.layout = StepLayout(slots, positions, [], [])
+        self.window_masks = {}
         self.num_decodes, self.store_rows = len(slots), real_rows
         self.prefill_tables, self.prefill_masks = [], []
         self.begin_static_decodes(tables, context_lens, positions)
@@ -96,23 +105,37 @@ class PagedAttention:
     def begin_static_decodes(self, tables: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         """q (S, Hq, D), one query per decoding sequence -> (S, Hq, D)."""
         raise NotImplementedError
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def windowed(self, key, mask: torch.Tensor, positions: torch.Tensor, spec: AttentionSpec | None) -> torch.Tensor:
+        """The step's mask narrowed to the layer's window: built once per step for each (part of the step, window)."""
+        window = spec.window if spec else None
+        if window is None:
+            return mask
+        if (key, window) not in self.window_masks:
+            self.window_masks[key, window] = window_mask(mask, positions, window)
+        return self.window_masks[key, window]
+
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
         n = self.store_rows
         store_kv(k_cache, v_cache, k[:n], v[:n], self.layout.slots[:n])  # padding rows' K/V are never stored
-        parts = [self.decode(q[: self.num_decodes], k_cache, v_cache)] if self.num_decodes else []
-        for chunk, table, mask in zip(self.layout.prefills, self.prefill_tables, self.prefill_masks):
+        parts = [self.decode(q[: self.num_decodes], k_cache, v_cache, spec)] if self.num_decodes else []
+        for i, (chunk, table, mask) in enumerate(zip(self.layout.prefills, self.prefill_tables, self.prefill_masks)):
             rows = slice(chunk.first, chunk.first + chunk.num_tokens)
             if mask is None:  # nothing cached before this chunk: plain causal attention on its own K/V
-                parts.append(causal_attention(q[None, rows], k[None, rows], v[None, rows])[0])
+                parts.append(spec_causal_attention(q[None, rows], k[None, rows], v[None, rows], spec)[0])
             else:
                 pos = self.layout.positions[None, rows]  # (1, n)
-                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask, self.buffers)[0])
+                mask = self.windowed(("prefill", i), mask, pos, spec)
+                parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask, self.buffers, spec)[0])
         return torch.cat(parts)[None]  # (1, N, Hq, D), rows in the layout's order
 
 
@@ -139,12 +162,15 @@ class TorchPagedAttention(PagedAttention):
         mask = padded_causal_mask(positions[:, None], tables.shape[1] * self.pool.block_size)  # (B, 1, S)
         self.groups = [(0, len(positions), tables.long(), mask)]
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         parts = []
         for first, end, tables, mask in self.groups:
             pos = self.layout.positions[first:end, None]  # (S, 1)
             q_dec = q[first:end, None]  # (S, 1, Hq, D)
-            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask, self.buffers)[:, 0])
+            mask = self.windowed(("decode", first), mask, pos, spec)
+            parts.append(paged_attention(q_dec, k_cache, v_cache, tables, pos, mask, self.buffers, spec)[:, 0])
         return torch.cat(parts)
 
 
@@ -166,8 +192,14 @@ class CDecodeAttention(KernelDecodeAttention):
 
     name = "c"
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return paged_decode_attention(q.contiguous(), k_cache, v_cache, self.tables, self.context_lens)
+    def decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
+        spec = spec or AttentionSpec()
+        return paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, self.tables, self.context_lens,
+            scale=spec.scale, window=spec.window, softcap=spec.softcap,
+        )  # fmt: skip
 
     @staticmethod
     def unavailable(pool) -> str | None:
@@ -212,15 +244,21 @@ class TritonAttention(KernelDecodeAttention):
             self.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)  # (chunks + 1,)
             self.max_query_len = max(c.num_tokens for c in chunks)  # from the host: the GPU need not be asked
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec | None = None
+    ) -> torch.Tensor:
         k_cache, v_cache = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q, k, v = q[0], k[0], v[0]  # (N, H, D)
         self.kernels.store_kv(k_cache, v_cache, k, v, self.layout.slots)  # slot -1 (padding) is skipped
         out = torch.empty_like(q)
         nd = self.num_decodes
+        spec = spec or AttentionSpec()
+        layer = dict(scale=spec.scale, window=spec.window, softcap=spec.softcap)
         if nd:
             # split-K is chosen from the shapes alone (never the lengths, which a graph replay changes)
-            self.kernels.paged_decode_attention(q[:nd], k_cache, v_cache, self.tables, self.context_lens, out=out[:nd])
+            self.kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, self.tables, self.context_lens, out=out[:nd], **layer
+            )
         if self.layout.prefills:  # keys come from the pool (stored above), so a first chunk needs no special case
             self.kernels.varlen_prefill_attention(
                 q[nd:],
@@ -231,6 +269,7 @@ class TritonAttention(KernelDecodeAttention):
                 self.prefill_lens,
                 out=out[nd:],
                 max_query_len=self.max_query_len,
+                **layer,
             )
         return out[None]  # (1, N, Hq, D)
 

@@ -75,6 +75,8 @@ class QuantLinear(nn.Module):
     On the CPU, a few rows at a time (decode steps) go to a C kernel that reads the quantized bytes and does
     integer dot products; many rows (prefill chunks, big batches), where the matmul is compute-bound rather than
     bound by reading weights, or a machine without the kernel, dequantize the weight and use a float matmul.
+    On a CUDA GPU every step goes to a Triton kernel (nanovllm/kernels/triton/quant_matmul.py) that reads the
+    quantized bytes and multiplies in x's dtype on the tensor cores; kernel_path() below decides.
     """
 
     def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32):
@@ -114,11 +116,14 @@ class QuantLinear(nn.Module):
         Rows go to the C kernel (integer dot products over the quantized bytes) when x is on the CPU, the kernel
         is available and there are at most quant_kernel_max_rows() of them (measured per code path: where the
         kernel still beats fp32); otherwise W is dequantized to float32 and multiplied as a float matrix (the same
-        weights, without the activation rounding the kernel does).
+        weights, without the activation rounding the kernel does). On a CUDA GPU with Triton: triton_forward.
         """
+        path = kernel_path(x.device.type, x.numel() // self.in_features)
+        if path == "triton":
+            return self.triton_forward(x)
         rows = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
-        kernels = cpu_kernels() if x.device.type == "cpu" else None
-        if kernels is not None and rows.shape[0] <= kernels.quant_kernel_max_rows():
+        if path == "c":
+            kernels = cpu_kernels()
             if self.scheme == "int8":
                 y = kernels.int8_linear(rows, self.qweight, self.scales, self.bias)
             else:
@@ -128,6 +133,36 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., out)
+
+    def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward on a GPU: the Triton kernel reads the quantized bytes; x stays in its dtype (bf16 on a GPU), and
+        so does y, accumulated in float32."""
+        rows = x.reshape(-1, self.in_features).contiguous()  # (M, in)
+        kernels = triton_kernels()
+        if self.scheme == "int8":
+            y = kernels.int8_matmul(rows, self.qweight, self.scales, self.bias)
+        else:
+            y = kernels.int4_matmul(rows, self.qweight, self.scales, self.group_size, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+
+def kernel_path(device_type: str, rows: int) -> str:
+    """Which code multiplies `rows` rows of x on this device type: 'triton', 'c' or 'dequantize'.
+
+    On a GPU, the Triton kernel at every batch size: it reads the quantized bytes and multiplies on the tensor
+    cores, so it has no cross-over to fall back from. On the CPU, the C kernel up to its measured row limit.
+    """
+    if device_type == "cuda":
+        return "triton" if triton_kernels() is not None else "dequantize"
+    kernels = cpu_kernels() if device_type == "cpu" else None
+    return "c" if kernels is not None and rows <= kernels.quant_kernel_max_rows() else "dequantize"
+
+
+def triton_kernels():
+    """nanovllm.kernels.triton when its kernels can run here (a GPU, or the interpreter), else None (no Triton)."""
+    from nanovllm.kernels import triton  # imported here, where a GPU asks: without one it turns the interpreter on
+
+    return triton if triton.triton_unavailable() is None else None
 
 
 def cpu_kernels():

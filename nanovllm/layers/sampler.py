@@ -1,4 +1,5 @@
-"""The sampler: per-request penalties, temperature, top-k, top-p, min-p, then a draw from each request's stream."""
+"""The sampler: per-request allowed tokens and logit bias, penalties, temperature, top-k, top-p, min-p, then a draw
+from each request's stream."""
 
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None = None  # (B, 1)
     output_counts: torch.Tensor | None = None  # (B, V) how often each token was generated
     banned: torch.Tensor | None = None  # (B, V) bool: EOS and stop ids, before min_tokens are out
+    allowed: torch.Tensor | None = None  # (B, V) bool: all True on rows without allowed_token_ids
+    bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows (K,), token ids (K,)): one entry per bias
+    bias: torch.Tensor | None = None  # (K,) the logit_bias values, added at bias_at
 
     @classmethod
     def build(
@@ -122,6 +126,18 @@ class SamplingBatch:
             for row, (ids, n) in enumerate(zip(token_ids, num_prompt_tokens)):
                 out = column(ids[n:], torch.long)
                 batch.output_counts[row].index_add_(0, out, torch.ones(len(out), device=device))
+        if any(p.allowed_token_ids for p in params):
+            batch.allowed = torch.ones(B, V, dtype=torch.bool, device=device)
+            for row, p in enumerate(params):
+                if p.allowed_token_ids:
+                    batch.allowed[row] = False
+                    batch.allowed[row, column(p.allowed_token_ids, torch.long)] = True
+        if any(p.logit_bias for p in params):
+            # sparse: (row, token id, bias) triples, scattered onto the logits in one index_put
+            entries = [(row, t, b) for row, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+            rows, ids, biases = zip(*entries)
+            batch.bias_at = (column(rows, torch.long), column(ids, torch.long))
+            batch.bias = column(biases, torch.float32)
         early = [
             row
             for row, (p, ids, n) in enumerate(zip(params, token_ids, num_prompt_tokens))
@@ -135,6 +151,16 @@ class SamplingBatch:
                     row, column(list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids)), torch.long)
                 ] = True
         return batch
+
+
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """allowed_token_ids (every other token to -inf), then logit_bias added: first of all, before the penalties and
+    temperature, in vLLM's order (what a bias of +-100 does then does not depend on the other settings)."""
+    if batch.allowed is not None:
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
+    if batch.bias is not None:
+        logits = logits.index_put(batch.bias_at, batch.bias, accumulate=True)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -155,7 +181,7 @@ def block_stop_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
     """One token per row of logits (B, V), each row with its own parameters and random stream."""
-    logits = block_stop_tokens(apply_penalties(logits.float(), batch), batch)
+    logits = block_stop_tokens(apply_penalties(apply_logit_bias(logits.float(), batch), batch), batch)
     if all(batch.greedy):
         return logits.argmax(dim=-1).tolist()
     scaled = logits / batch.temperature[:, None]

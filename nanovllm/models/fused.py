@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.layers.activation import silu_and_mul
+from nanovllm.layers.activation import gated_activation
 from nanovllm.layers.attention import AttentionBackend
 from nanovllm.layers.linear import Linear
-from nanovllm.layers.rotary import apply_rotary
+from nanovllm.layers.rotary import apply_partial_rotary
 from nanovllm.models.llama import MLP, DecoderForCausalLM, SelfAttention
 
 
@@ -59,7 +59,7 @@ class FusedSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.qkv_proj = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
-        self.qk_norm = attn.qk_norm
+        self.qk_norm, self.spec = attn.qk_norm, attn.spec
         if attn.qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
 
@@ -68,8 +68,8 @@ class FusedSelfAttention(nn.Module):
         q, k, v = split_qkv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attn(self.layer_idx, q, k, v)  # (B, T, Hq, D)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        out = attn(self.layer_idx, q, k, v) if self.spec is None else attn(self.layer_idx, q, k, v, self.spec)
         return self.o_proj(out.reshape(B, T, -1))  # (B, T, E)
 
 
@@ -80,16 +80,24 @@ class FusedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = fused_linear([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
+        self.hidden_act = mlp.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., F) each
-        return self.down_proj(silu_and_mul(gate, up))
+        return self.down_proj(gated_activation(self.hidden_act, gate, up))
 
 
 @torch.no_grad()
 def fuse_projections_(model: DecoderForCausalLM) -> DecoderForCausalLM:
     """Replace every layer's attention and MLP by their fused forms, in place (before the weights are transposed)."""
+    if not isinstance(model, DecoderForCausalLM):  # GPT-2: its checkpoint holds q, k, v fused already
+        return model
     for layer in model.model.layers:
         layer.self_attn = FusedSelfAttention(layer.self_attn)
-        layer.mlp = FusedMLP(layer.mlp)
+        if isinstance(layer.mlp, MLP):
+            layer.mlp = FusedMLP(layer.mlp)
+        else:  # routed experts (models/moe.py): each expert is an MLP, fused the same way (a shared one too)
+            layer.mlp.experts = nn.ModuleList(FusedMLP(expert) for expert in layer.mlp.experts)
+            if layer.mlp.shared_expert is not None:
+                layer.mlp.shared_expert = FusedMLP(layer.mlp.shared_expert)
     return model

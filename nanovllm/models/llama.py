@@ -1,4 +1,6 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), from scratch, with Hugging Face weight names."""
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma, Gemma 2), from scratch, with Hugging Face
+weight names. Gemma's differences are config switches (ModelConfig): embedding scale, (1 + weight) norms, GeGLU, and
+Gemma 2's extra norms, soft caps, query scale and sliding-window layers."""
 
 from __future__ import annotations
 
@@ -6,11 +8,11 @@ import torch
 from torch import nn
 
 from nanovllm.config import ModelConfig
-from nanovllm.layers.activation import silu_and_mul
-from nanovllm.layers.attention import AttentionBackend
+from nanovllm.layers.activation import gated_activation
+from nanovllm.layers.attention import AttentionBackend, AttentionSpec
 from nanovllm.layers.linear import Linear
 from nanovllm.layers.norm import RMSNorm
-from nanovllm.layers.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from nanovllm.layers.rotary import apply_partial_rotary, longrope_cos_sin, rope_cos_sin, rope_inv_freq
 
 
 class SelfAttention(nn.Module):
@@ -27,6 +29,7 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.spec = attention_spec(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend):
         B, T, _ = x.shape
@@ -35,31 +38,61 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attn(self.layer_idx, q, k, v)  # (B, T, Hq, D)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)  # Phi-3 rotates a part
+        # a Llama layer calls with four arguments; only a layer that attends otherwise passes its spec
+        out = attn(self.layer_idx, q, k, v) if self.spec is None else attn(self.layer_idx, q, k, v, self.spec)
         return self.o_proj(out.reshape(B, T, -1))  # (B, T, E)
 
 
+def attention_spec(cfg: ModelConfig, layer_idx: int) -> AttentionSpec | None:
+    """How this layer attends, or None for plain causal attention scaled by head_dim ** -0.5."""
+    spec = AttentionSpec(
+        scale=cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None,
+        window=cfg.window_of(layer_idx),
+        softcap=cfg.attn_logit_softcapping,
+    )
+    return None if spec == AttentionSpec() else spec
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = intermediate_size or cfg.intermediate_size  # an expert of a mixture has its own size
+        self.gate_proj = Linear(cfg.hidden_size, size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, size, bias=False)
+        self.down_proj = Linear(size, cfg.hidden_size, bias=False)
+        self.hidden_act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(gated_activation(self.hidden_act, self.gate_proj(x), self.up_proj(x)))
+
+
+def build_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The layer's feed-forward part: the MLP, or routed experts in a mixture-of-experts layer."""
+    if cfg.is_moe_layer(layer_idx):
+        from nanovllm.models.moe import SparseMoeBlock  # imported here: moe.py builds its experts from MLP above
+
+        return SparseMoeBlock(cfg)
+    return MLP(cfg)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = SelfAttention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.post_attention_layernorm = norm()
+        self.mlp = build_mlp(cfg, layer_idx)
+        self.sandwich_norms = cfg.sandwich_norms
+        if cfg.sandwich_norms:  # Gemma 2: post_attention_layernorm normalises attention's output, not the MLP's input
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x, cos, sin, attn: AttentionBackend):
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attn))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -69,7 +102,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -82,7 +115,7 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -97,10 +130,19 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: (B, T) -> final hidden states (B, T, E), normalised."""
         x = self.model.embed_tokens(input_ids)  # (B, T, E)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (B, T, D) each
+        if self.config.scale_embeddings:  # Gemma: by sqrt(hidden) rounded to the model's dtype, as transformers does
+            x = x * float(torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))  # a Python number: graph-safe
+        cos, sin = self.rope(positions, x.dtype)  # (B, T, rotary_dim) each
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
         return self.model.norm(x)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, T, rotary_dim) of each position's rotation, shared by every layer."""
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling["rope_type"] == "longrope":  # Phi-3: the factors depend on the position
+            return longrope_cos_sin(positions, self.inv_freq, scaling, dtype)
+        return rope_cos_sin(positions, self.inv_freq, dtype)
 
     @torch.no_grad()
     def transpose_weights_(self) -> None:
@@ -115,4 +157,6 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., E) -> (..., vocab) logits in float32; call it on the positions you sample from only."""
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2

@@ -13,7 +13,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.errors import ModelFormatError
 from nanovllm.layers.quantization import INT4_GROUP_SIZES, quantize_model_
 from nanovllm.layers.rotary import rope_inv_freq
-from nanovllm.models import DecoderForCausalLM
+from nanovllm.models import CausalLM, build_model, checkpoint_tensors
 from nanovllm.models.fused import fuse_projections_
 from nanovllm.utils.llama2c import read_llama2c
 from nanovllm.utils.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer
@@ -33,7 +33,7 @@ DTYPES = {
 
 @dataclass
 class LoadedModel:
-    model: DecoderForCausalLM
+    model: CausalLM
     config: ModelConfig
     tokenizer: Tokenizer
     path: Path
@@ -72,7 +72,7 @@ def check_device(device: str | torch.device) -> None:
         raise ValueError(f"device {device!r} is not supported: nanovllm runs on 'cpu' or 'cuda'")
 
 
-def load_state_dict_into(model: DecoderForCausalLM, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_into(model: CausalLM, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy checkpoint tensors into the model, checking names and shapes; a tied lm_head may be absent."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
@@ -177,8 +177,9 @@ def load_model(
         raise ModelFormatError(f"{path}: neither a Hugging Face model folder nor a llama2.c .bin checkpoint")
     if cfg.eos_token_ids:
         tokenizer.eos_token_ids = cfg.eos_token_ids
+    tensors = checkpoint_tensors(cfg, tensors)  # GPT-2's names and Conv1D layout, Phi-3's fused projections
     with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
-        net = DecoderForCausalLM(cfg)
+        net = build_model(cfg)  # the architecture's class (models/__init__.py)
     net.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         net.lm_head.weight = net.model.embed_tokens.weight
@@ -188,7 +189,8 @@ def load_model(
     net = net.to(torch_dtype).eval()
     # RoPE's frequencies stay float32 whatever the weights' dtype, as in transformers: rounded to bf16, each
     # angle position * inv_freq would drift further from the true one at every position
-    net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    if cfg.position_embedding == "rope":  # GPT-2 learns a table of positions instead
+        net.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     if scheme is not None:
         quantize_model_(net, scheme, group_size, lm_head=quantize_lm_head)
     net.transpose_weights_()

@@ -1,4 +1,5 @@
-"""The attention kernels in Triton: KV store by slot mapping, paged decode with split-K, varlen prefill over the pool.
+"""The Triton kernels: KV store by slot mapping, paged decode with split-K, varlen prefill over the pool (chapter 5),
+and the weight-only INT8 / INT4 matmuls of QuantLinear (chapter 7).
 
 On a machine with a CUDA GPU the kernels compile for it and take CUDA tensors. Without one, importing this package
 sets TRITON_INTERPRET=1 (unless the variable is already set) BEFORE Triton is imported and the kernels decorated:
@@ -31,6 +32,7 @@ else:
         interpret_triton_library()
     from nanovllm.kernels.triton.decode_attention import choose_num_splits, paged_decode_attention
     from nanovllm.kernels.triton.prefill_attention import varlen_prefill_attention
+    from nanovllm.kernels.triton.quant_matmul import int4_matmul, int8_matmul
     from nanovllm.kernels.triton.store_kv import store_kv
 
     _WHY = None
@@ -40,6 +42,8 @@ else:
 __all__ = [
     "INTERPRETING",
     "choose_num_splits",
+    "int4_matmul",
+    "int8_matmul",
     "paged_decode_attention",
     "store_kv",
     "triton_unavailable",

@@ -25,6 +25,15 @@ PREFILL_BLOCK_M = 128 if INTERPRETING else 64  # (query token, query head) rows 
 PREFILL_BLOCK_N = 128 if INTERPRETING else 64  # context tokens per iteration of the prefill kernel
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NO_WINDOW = 2**30  # the window the kernels get for a layer without one: wider than any context
+
+
+def check_window_softcap(window: int | None, softcap: float | None) -> None:
+    """A sliding window is a positive integer (below NO_WINDOW) or None; a soft cap a positive number or None."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or not 0 < window < NO_WINDOW):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
 
 
 def interpret_triton_library() -> None:

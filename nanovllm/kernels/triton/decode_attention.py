@@ -40,10 +40,18 @@ def online_softmax_update(m, l, acc, scores, v):
 
 
 @triton.jit
+def soft_cap(scores, CAP: tl.constexpr):
+    """Gemma 2's soft cap, CAP * tanh(scores / CAP), on scores in base 2 (CAP = the model's cap x log2(e), which
+    caps the natural-log scores by the model's cap). tanh(x) = 2 sigmoid(2x) - 1: Triton has no tanh of its own."""
+    return CAP * (2.0 * tl.sigmoid(2.0 * scores / CAP) - 1.0)
+
+
+@triton.jit
 def attend_blocks(
     q, k_ptr, v_ptr, table_ptr, kvh, start, end, scale_log2,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    SOFTCAP_LOG2: tl.constexpr = 0.0,
 ):  # fmt: skip
     """The decode kernel's loop: one query tile against positions start .. end - 1 of a sequence, read in place.
 
@@ -59,11 +67,13 @@ def attend_blocks(
         k_ptr, v_ptr: the layer's K and V pool.
         table_ptr: the sequence's row of the block table (int32 block ids).
         kvh: the KV head.
-        start, end: the positions to attend to; start is a multiple of BLOCK_N; start >= end is an empty range.
+        start, end: the positions to attend to (a sliding window's start need not be a multiple of BLOCK_N);
+            start >= end is an empty range.
         scale_log2: the score scale x log2(e), so that scores are in base 2 for exp2.
         HKV, D, BLOCK_SIZE: KV heads, head size and tokens per block of the pool.
         BLOCK_G, BLOCK_D, BLOCK_N: the tile: query rows, head size padded to a power of 2, positions per step.
         DOT_F32: cast K and V to float32 before tl.dot.
+        SOFTCAP_LOG2: Gemma 2's soft cap x log2(e), applied by soft_cap to each tile's scores; 0 for none.
     Returns:
         (m, l, acc) of online_softmax_update after the last tile: (BLOCK_G,), (BLOCK_G,), (BLOCK_G, BLOCK_D) float32,
         unnormalized; (-inf, 0, 0) for an empty range.
@@ -86,6 +96,8 @@ def attend_blocks(
         if DOT_F32:
             k, v = k.to(tl.float32), v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # (BLOCK_G, BLOCK_N)
+        if SOFTCAP_LOG2 > 0:
+            scores = soft_cap(scores, SOFTCAP_LOG2)
         # every tile has at least one valid position, so each row's max is finite from the first tile on
         scores = tl.where(ok[None, :], scores, float("-inf"))
         m, l, acc = online_softmax_update(m, l, acc, scores, v)
@@ -115,10 +127,10 @@ def combine_splits(m, l, acc):
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    scale_log2, max_blocks,
+    scale_log2, max_blocks, window,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP_LOG2: tl.constexpr,
 ):  # fmt: skip
     """Program (s, kv head, split): the GROUP query heads that share this KV head, over one split of the context."""
     s, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -130,16 +142,18 @@ def _decode_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
     length = tl.load(lens_ptr + s)
-    # this split's share of the context: a whole number of tiles, so only the context's last tile is partial.
+    # a sliding window starts `window` positions before the end (the wrapper passes a huge window for none)
+    first = tl.maximum(length - window, 0)
+    # this split's share of the attended positions: a whole number of tiles, so only the last tile is partial.
     # Short sequences leave late splits empty; they store (m=-inf, l=0, acc=0), which the reduce weighs 0.
     # (tl.cdiv and tl.zeros are jitted helpers, which the interpreter re-patches on every call: ~3 ms each)
-    per_split = ((length + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * per_split
+    per_split = ((length - first + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = first + split * per_split
     end = tl.minimum(start + per_split, length)
 
     m, l, acc = attend_blocks(
         q, k_ptr, v_ptr, tables_ptr + s * max_blocks, kvh, start, end, scale_log2,
-        HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_F32,
+        HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_F32, SOFTCAP_LOG2,
     )  # fmt: skip
 
     out_ok = g_ok[:, None] & d_ok[None, :]
@@ -207,6 +221,8 @@ def paged_decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention read in place from the block pool: the Triton twin of nanovllm.kernels.cpu's C kernel.
 
@@ -224,9 +240,12 @@ def paged_decode_attention(
         num_splits: partitions of each context (split-K); None picks choose_num_splits(...) with max_blocks *
             block_size as the longest context (known without reading context_lens back from the GPU).
         out: optional (S, Hq, D) contiguous tensor of q's dtype to write into.
+        window: attend to each sequence's last `window` positions only (nothing before is read); None: all.
+        softcap: Gemma 2's soft cap on the scores, softcap * tanh(s / softcap); None: none.
     Returns:
         (S, Hq, D) attention output, in q's dtype (accumulated in float32).
     """
+    c.check_window_softcap(window, softcap)
     num_blocks, block_size, hkv, d = c.check_cache(k_cache, v_cache)
     out = c.check_query(q, k_cache, out)
     num_seqs, hq, _ = q.shape
@@ -252,9 +271,10 @@ def paged_decode_attention(
         )
     _decode_kernel[(num_seqs, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, *parts,
-        scale_log2, block_tables.shape[1],
+        scale_log2, block_tables.shape[1], window or c.NO_WINDOW,
         HQ=hq, HKV=hkv, D=d, GROUP=group, BLOCK_SIZE=block_size, BLOCK_G=max(16, c.next_pow2(group)), BLOCK_D=block_d,
         BLOCK_N=c.DECODE_BLOCK_N, NUM_SPLITS=num_splits, DOT_F32=c.dot_in_fp32(q.dtype),
+        SOFTCAP_LOG2=(softcap or 0.0) * LOG2E,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(num_seqs * hq,)](

@@ -7,16 +7,16 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.triton import _common as c
-from nanovllm.kernels.triton.decode_attention import LOG2E, online_softmax_update
+from nanovllm.kernels.triton.decode_attention import LOG2E, online_softmax_update, soft_cap
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, qstart_ptr, lens_ptr, out_ptr,
-    scale_log2, max_blocks,
+    scale_log2, max_blocks, window,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, SOFTCAP_LOG2: tl.constexpr,
 ):  # fmt: skip
     """Program (query tile, sequence, KV head): BLOCK_Q of the chunk's tokens x the GROUP query heads of one KV head.
 
@@ -43,11 +43,14 @@ def _prefill_kernel(
     q_pos = length - q_len + i  # (BLOCK_M,)
     # causal: no row of this tile sees past its last token, so keys stop there, not at the end of the context
     kv_end = tl.minimum(length, length - q_len + (tile + 1) * BLOCK_Q)
+    # a sliding window: keys start at the first one the tile's first token sees (p > q_pos - window). The tile's
+    # last token sees its first key at most BLOCK_Q - 1 <= BLOCK_N - 1 later, so every row has one in the first tile
+    kv_start = tl.maximum(length - q_len + tile * BLOCK_Q - window + 1, 0)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    for t0 in range(0, kv_end, BLOCK_N):
+    for t0 in range(kv_start, kv_end, BLOCK_N):
         pos = t0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
         ok = pos < kv_end
         block = tl.load(tables_ptr + s * max_blocks + pos // BLOCK_SIZE, mask=ok, other=0)
@@ -58,9 +61,12 @@ def _prefill_kernel(
         if DOT_F32:
             k, v = k.to(tl.float32), v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # (BLOCK_M, BLOCK_N)
-        # key 0 is in the first tile and every row sees it, so each row's max is finite from the first tile on
-        # and a later tile the causal mask hides from a row entirely leaves that row's m unchanged
-        scores = tl.where(pos[None, :] <= q_pos[:, None], scores, float("-inf"))
+        if SOFTCAP_LOG2 > 0:
+            scores = soft_cap(scores, SOFTCAP_LOG2)
+        # each row sees a key of the first tile (key 0, or its window's first), so its max is finite from the
+        # first tile on, and a later tile the mask hides from a row entirely leaves that row's m unchanged
+        seen = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(seen, scores, float("-inf"))
         m, l, acc = online_softmax_update(m, l, acc, scores, v)
 
     out_ok = row_ok[:, None] & d_ok[None, :]
@@ -77,6 +83,8 @@ def varlen_prefill_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of several sequences' chunks, flattened into one batch, over their K/V in the block pool.
 
@@ -95,9 +103,12 @@ def varlen_prefill_attention(
         out: optional (N, Hq, D) contiguous tensor of q's dtype to write into.
         max_query_len: the longest chunk, which sizes the grid; None computes it from query_start_loc
             (on a GPU that reads a number back and waits for the stream: pass it when the host knows it).
+        window: a token at position p sees positions p - window + 1 .. p only (a sliding window); None: all.
+        softcap: Gemma 2's soft cap on the scores, softcap * tanh(s / softcap); None: none.
     Returns:
         (N, Hq, D) attention output in q's dtype.
     """
+    c.check_window_softcap(window, softcap)
     num_blocks, block_size, hkv, d = c.check_cache(k_cache, v_cache)
     out = c.check_query(q, k_cache, out)
     num_tokens, hq, _ = q.shape
@@ -124,11 +135,13 @@ def varlen_prefill_attention(
     group = hq // hkv
     block_m = max(c.PREFILL_BLOCK_M, c.next_pow2(group))  # at least one token's whole group per tile
     block_q = block_m // group  # chunk tokens per tile
+    assert block_q <= c.PREFILL_BLOCK_N  # what the kernel's window start relies on
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, hkv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        (d**-0.5 if scale is None else scale) * LOG2E, block_tables.shape[1],
+        (d**-0.5 if scale is None else scale) * LOG2E, block_tables.shape[1], window or c.NO_WINDOW,
         HQ=hq, HKV=hkv, D=d, GROUP=group, BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_M=block_m,
         BLOCK_D=max(16, c.next_pow2(d)), BLOCK_N=c.PREFILL_BLOCK_N, DOT_F32=c.dot_in_fp32(q.dtype),
+        SOFTCAP_LOG2=(softcap or 0.0) * LOG2E,
     )  # fmt: skip
     return out
