@@ -13,7 +13,6 @@ server keeps a prompt cache otherwise). The server's own defaults are kept (its 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -26,6 +25,7 @@ from typing import Any
 from benchmarks.engines import Engine, EngineUnavailable, RunResult
 from benchmarks.llamacpp_engine import OUTTYPES, gguf_tensor_types, gguf_type, llama_cpp_cache, make_gguf
 from benchmarks.models import ResolvedModel
+from benchmarks.server_engine import stream_all
 from benchmarks.workloads import Request
 
 BUILD = "tools/build_llama_server.sh (builds it from llama-cpp-python's source distribution: ~15 min on 2 cores)"
@@ -141,35 +141,14 @@ class LlamaServerEngine(Engine):
         return result
 
     async def _run(self, requests: list[Request]) -> RunResult:
-        import httpx
-
-        url = f"http://127.0.0.1:{self.port}/completion"
-        tokens: list[list[int]] = [[] for _ in requests]
-        first, last = [0.0] * len(requests), [0.0] * len(requests)
-
-        async def client(i: int, r: Request, http) -> None:
-            body = {"prompt": r.prompt, "n_predict": r.max_tokens, "temperature": 0.0, "top_k": 1,
+        def body(r: Request) -> dict:
+            return {"prompt": r.prompt, "n_predict": r.max_tokens, "temperature": 0.0, "top_k": 1,
                     "ignore_eos": True, "cache_prompt": False, "stream": True, "return_tokens": True}  # fmt: skip
-            async with http.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"llama-server: request {i} answered {response.status_code}")
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        new = json.loads(line[6:]).get("tokens") or []
-                        if new:
-                            now = time.perf_counter()
-                            first[i] = first[i] or now
-                            last[i] = now
-                            tokens[i] += new
 
-        t0 = time.perf_counter()
-        limits = httpx.Limits(max_connections=len(requests) + 8)
-        async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
-            await asyncio.gather(*(client(i, r, http) for i, r in enumerate(requests)))
-        wall = time.perf_counter() - t0
-        ttft = [f - t0 for f in first]
-        tpot = [(la - f) / (len(t) - 1) if len(t) > 1 else 0.0 for f, la, t in zip(first, last, tokens)]
-        return RunResult(wall, tokens, ttft, tpot)
+        def new_tokens(chunk: dict) -> list[int]:
+            return chunk.get("tokens") or []
+
+        return await stream_all(f"http://127.0.0.1:{self.port}/completion", requests, body, new_tokens, self.name)
 
     def info(self) -> dict[str, Any]:
         return {

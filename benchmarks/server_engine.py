@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.engines import Engine, EngineUnavailable, RunResult
@@ -53,35 +54,14 @@ class ServerEngine(Engine):
         return asyncio.run(self._run(requests))
 
     async def _run(self, requests: list[Request]) -> RunResult:
-        import httpx
-
-        url = f"http://127.0.0.1:{self.port}/v1/completions"
-        tokens: list[list[int]] = [[] for _ in requests]
-        first, last = [0.0] * len(requests), [0.0] * len(requests)
-
-        async def client(i: int, r: Request, http) -> None:
-            body = {"prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "ignore_eos": True,
+        def body(r: Request) -> dict:
+            return {"prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "ignore_eos": True,
                     "stream": True, "return_token_ids": True}  # fmt: skip
-            async with http.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"serve: request {i} answered {response.status_code}: {await response.aread()}")
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        new = [t for c in json.loads(line[6:])["choices"] for t in c.get("token_ids", [])]
-                        if new:
-                            now = time.perf_counter()
-                            first[i] = first[i] or now
-                            last[i] = now
-                            tokens[i] += new
 
-        t0 = time.perf_counter()
-        limits = httpx.Limits(max_connections=len(requests) + 8)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-            await asyncio.gather(*(client(i, r, http) for i, r in enumerate(requests)))
-        wall = time.perf_counter() - t0
-        ttft = [f - t0 for f in first]
-        tpot = [(la - f) / (len(t) - 1) if len(t) > 1 else 0.0 for f, la, t in zip(first, last, tokens)]
-        return RunResult(wall, tokens, ttft, tpot)
+        def new_tokens(chunk: dict) -> list[int]:
+            return [t for c in chunk["choices"] for t in c.get("token_ids", [])]
+
+        return await stream_all(f"http://127.0.0.1:{self.port}/v1/completions", requests, body, new_tokens, "serve")
 
     def kv_cache_bytes(self, requests: list[Request]) -> int | None:
         return self.llm.kv_cache_bytes
@@ -92,3 +72,40 @@ class ServerEngine(Engine):
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+async def stream_all(
+    url: str,
+    requests: list[Request],
+    body: Callable[[Request], dict],
+    new_tokens: Callable[[dict], list[int]],
+    who: str,
+) -> RunResult:
+    """Send every request at once, each by its own streaming client (server-sent events), and time them by the
+    clients' clocks: `body(request)` is the JSON posted, `new_tokens(chunk)` the token ids an event carries."""
+    import httpx
+
+    tokens: list[list[int]] = [[] for _ in requests]
+    first, last = [0.0] * len(requests), [0.0] * len(requests)
+
+    async def client(i: int, r: Request, http) -> None:
+        async with http.stream("POST", url, json=body(r)) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"{who}: request {i} answered {response.status_code}: {await response.aread()}")
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    new = new_tokens(json.loads(line[6:]))
+                    if new:
+                        now = time.perf_counter()
+                        first[i] = first[i] or now
+                        last[i] = now
+                        tokens[i] += new
+
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=len(requests) + 8)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
+        await asyncio.gather(*(client(i, r, http) for i, r in enumerate(requests)))
+    wall = time.perf_counter() - t0
+    ttft = [f - t0 for f in first]
+    tpot = [(la - f) / (len(t) - 1) if len(t) > 1 else 0.0 for f, la, t in zip(first, last, tokens)]
+    return RunResult(wall, tokens, ttft, tpot)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODELS = ROOT / "tests" / "models"
@@ -151,6 +152,15 @@ def shared_path(relative: str) -> Path:
             "(README.md, Contributing, says how to get it)"
         )
     return path
+
+
+@pytest.fixture
+def threads(request: pytest.FixtureRequest):
+    """Run the test body with torch (and so the C kernels) set to this many threads (parametrize it indirectly)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

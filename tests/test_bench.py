@@ -779,3 +779,16 @@ def test_llama_server_gives_our_greedy_tokens():
         )
     ]
     assert theirs == ours
+
+
+def test_serve_engine_streams_the_offline_engines_tokens(tmp_path):
+    """The `serve` engine (the final engine behind its HTTP server, every request its own streaming client) gives
+    the offline engine's greedy tokens and per-request stream timings."""
+    pytest.importorskip("uvicorn")
+    argv = ["--model", str(TINY), "--workload", "mixed-small", "--engines", "ch07,serve", "--baseline", "ch07",
+            "--workload-opt", "output_len=(3,6)", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--no-plots", "--no-bandwidth", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    served = json.loads((tmp_path / "results.json").read_text())["workloads"]["mixed-small"]["engines"]["serve"]
+    assert served["same_tokens_as_baseline"] == 1.0
+    assert served["ttft_s"]["median"] > 0 and served["ttft_source"] == "streamed"

@@ -30,14 +30,6 @@ def c_kernel():
         pytest.skip(f"the C linear kernel is not available here: {why}")
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def case(M, K, N, seed=0, bias=False):
     gen = torch.Generator().manual_seed(seed)
     x, w_t = torch.randn(M, K, generator=gen), torch.randn(K, N, generator=gen)

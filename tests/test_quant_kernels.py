@@ -28,15 +28,6 @@ def c_kernel():
         pytest.skip(f"the quantized C kernels are not available here: {why}")
 
 
-@pytest.fixture
-def threads(request):
-    """Run the test body with torch (and so the kernel) set to this many threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def int8_case(M, N, K, seed=0, bias=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=gen)

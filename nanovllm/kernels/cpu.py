@@ -274,9 +274,8 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _quant_linear(kind, x, in_features, weight, scales, bias, out, *extra):
-    """Validate x, bias and out against the (already validated) weights, then call the kernel `kind`."""
-    out_features = weight.shape[0]
+def _linear_output(x, in_features: int, out_features: int, bias, out):
+    """Check a linear kernel's activations x (..., in), bias (out,) and out (..., out); return out (new if None)."""
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
     _check("x", x, torch.float32)
@@ -284,9 +283,15 @@ def _quant_linear(kind, x, in_features, weight, scales, bias, out, *extra):
         _check("bias", bias, torch.float32, (out_features,))
     shape = (*x.shape[:-1], out_features)
     if out is None:
-        out = x.new_empty(shape)
-    else:
-        _check("out", out, torch.float32, shape)
+        return x.new_empty(shape)
+    _check("out", out, torch.float32, shape)
+    return out
+
+
+def _quant_linear(kind, x, in_features, weight, scales, bias, out, *extra):
+    """Validate x, bias and out against the (already validated) weights, then call the kernel `kind`."""
+    out_features = weight.shape[0]
+    out = _linear_output(x, in_features, out_features, bias, out)
     rows = x.numel() // in_features
     if rows and out_features:
         error = getattr(_quant_library(), kind)(
@@ -392,16 +397,7 @@ def fp32_linear(
         raise ValueError(f"w_t must be (in, out), got shape {tuple(w_t.shape)}")
     in_features, out_features = w_t.shape
     _check("w_t", w_t, torch.float32)
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
-    _check("x", x, torch.float32)
-    if bias is not None:
-        _check("bias", bias, torch.float32, (out_features,))
-    shape = (*x.shape[:-1], out_features)
-    if out is None:
-        out = x.new_empty(shape)
-    else:
-        _check("out", out, torch.float32, shape)
+    out = _linear_output(x, in_features, out_features, bias, out)
     if out.numel():  # (in = 0 too: then the kernel writes the bias, or zeros)
         lib, why = _load("linear_cpu")
         if lib is None:
