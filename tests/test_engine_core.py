@@ -331,7 +331,8 @@ def lone_beams(prompt, params):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch, alone, seed):
-    """Random requests (greedy, seeded, n and best_of candidates) and beam searches in a tiny pool with a small
+    """Random requests (greedy, seeded, n and best_of candidates, logit bias, allowed tokens, prompt logprobs) and
+    beam searches in a tiny pool with a small
     token budget (chunks, preemption, parked beams giving their blocks back), random aborts, random exceptions in
     the forward pass and in the sampler. Every request and candidate ends exactly once; those that were neither
     aborted nor failed have their lone-run tokens (beams: their lone-run beams); every block comes back; and the
@@ -352,6 +353,9 @@ def test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch, alon
     kinds += [SamplingParams(temperature=0, max_tokens=5, n=2, ignore_eos=True)]
     kinds += [SamplingParams(temperature=0.8, max_tokens=5, n=2, best_of=3, seed=3, ignore_eos=True)]
     kinds += [BeamSearchParams(2, 5, ignore_eos=True), BeamSearchParams(3, 4)]
+    kinds += [SamplingParams(temperature=0, max_tokens=6, logit_bias={5: 4.0, 17: -100.0}, ignore_eos=True)]
+    kinds += [SamplingParams(temperature=0.7, max_tokens=6, allowed_token_ids=list(range(3, 60)), seed=4)]
+    kinds += [SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2, ignore_eos=True)]
     requests, searches, finished, aborted, step = {}, [], [], set(), 0
     beam_ids: set[int] = set()  # engine requests that hold beams: their outputs are the searches' business
     while len(requests) + len(searches) < 24 or llm.has_unfinished() or not all(s.done for s, _, _ in searches):
