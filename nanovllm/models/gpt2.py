@@ -15,6 +15,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.layers.attention import AttentionBackend
 from nanovllm.layers.linear import Linear
 from nanovllm.models.fused import split_qkv
+from nanovllm.models.llama import CausalLMHead
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ class GPT2Model(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # ln_f
 
 
-class GPT2ForCausalLM(nn.Module):
+class GPT2ForCausalLM(CausalLMHead):
     """token ids + positions -> hidden states -> logits; the KV storage is the `attn` backend's business.
 
     Positions enter once, as a learned vector added to each token's embedding, not as a rotation of q and k:
@@ -85,12 +86,7 @@ class GPT2ForCausalLM(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = GPT2Model(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(cfg, GPT2Model(cfg))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: (B, T) -> final hidden states (B, T, E), normalised."""
@@ -98,20 +94,6 @@ class GPT2ForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, attn)
         return self.model.norm(x)
-
-    @torch.no_grad()
-    def transpose_weights_(self) -> None:
-        """For inference: every Linear keeps W^T; the tied embedding reads the output layer's memory (as Llama's)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.transpose_weight_()
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
-            del self.model.embed_tokens.weight
-            self.model.embed_tokens.weight = self.lm_head.weight.t()  # (vocab, hidden) view
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., E) -> (..., vocab) logits in float32."""
-        return self.lm_head(hidden).float()
 
 
 # The checkpoint's module names -> ours. Conv1D, GPT-2's linear layer, stores its weight as (in, out): y = x W + b.

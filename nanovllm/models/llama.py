@@ -105,16 +105,41 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
 
 
-class DecoderForCausalLM(nn.Module):
-    """token ids -> hidden states -> logits. The KV storage is the `attn` backend's business."""
+class CausalLMHead(nn.Module):
+    """What every family's model has around its decoder (`self.model`, with `embed_tokens`): the output layer, tied
+    to the embedding or not, the W^T layout for inference, and the logits."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, model: nn.Module):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg)
+        self.model = model
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def transpose_weights_(self) -> None:
+        """For inference: every Linear keeps W^T (faster matrix-vector products); tied embeddings share it."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.transpose_weight_()
+        # the embedding reads the same memory as a (vocab, hidden) view (a quantized lm_head keeps its own)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
+            del self.model.embed_tokens.weight  # a plain tensor from now on: one parameter, counted once
+            self.model.embed_tokens.weight = self.lm_head.weight.t()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., E) -> (..., vocab) logits in float32; call it on the positions you sample from only."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2
+
+
+class DecoderForCausalLM(CausalLMHead):
+    """token ids -> hidden states -> logits. The KV storage is the `attn` backend's business."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, DecoderModel(cfg))
         inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -143,20 +168,3 @@ class DecoderForCausalLM(nn.Module):
         if scaling is not None and scaling["rope_type"] == "longrope":  # Phi-3: the factors depend on the position
             return longrope_cos_sin(positions, self.inv_freq, scaling, dtype)
         return rope_cos_sin(positions, self.inv_freq, dtype)
-
-    @torch.no_grad()
-    def transpose_weights_(self) -> None:
-        """For inference: every Linear keeps W^T (faster matrix-vector products); tied embeddings share it."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.transpose_weight_()
-        # the embedding reads the same memory as a (vocab, hidden) view (a quantized lm_head keeps its own)
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
-            del self.model.embed_tokens.weight  # a plain tensor from now on: one parameter, counted once
-            self.model.embed_tokens.weight = self.lm_head.weight.t()
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., E) -> (..., vocab) logits in float32; call it on the positions you sample from only."""
-        logits = self.lm_head(hidden).float()
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2
