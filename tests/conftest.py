@@ -154,6 +154,15 @@ def shared_path(relative: str) -> Path:
     return path
 
 
+def require(why: str | None, what: str, hint: str = "") -> None:
+    """Skip the test when `what` (a kernel, a backend) cannot run here and `why` says why; under CI, fail instead."""
+    if why is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run {what}: {why}")
+    pytest.skip(f"{what} cannot run here: {why}{hint}")
+
+
 @pytest.fixture
 def threads(request: pytest.FixtureRequest):
     """Run the test body with torch (and so the C kernels) set to this many threads (parametrize it indirectly)."""

@@ -10,13 +10,11 @@ tests/test_triton_kernels.py. Run against your own code with:  pytest --impl=exe
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from test_triton_kernels import DEVICE, check, make_case, reference
 
-from conftest import FAMILIES, TINY_MODELS
+from conftest import FAMILIES, TINY_MODELS, require
 from nanovllm.kernels import triton as tk  # sets TRITON_INTERPRET on a machine without CUDA, before Triton decorates
 from nanovllm.sampling_params import SamplingParams
 
@@ -27,11 +25,7 @@ needs_triton = pytest.mark.usefixtures("triton_kernels")  # before `impl`, which
 
 @pytest.fixture
 def triton_kernels():
-    why = tk.triton_unavailable()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Triton kernels: {why}")
-        pytest.skip(f"the Triton kernels cannot run here: {why} (pip install -e '.[triton]' on Linux)")
+    require(tk.triton_unavailable(), "the Triton kernels", " (pip install -e '.[triton]' on Linux)")
 
 
 def kernels_call(impl, name):

@@ -3,13 +3,11 @@ of its sections run end to end in Triton's interpreter on small shapes, with a s
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from benchmarks import gpu_kernels as gk
-from conftest import ROOT
+from conftest import ROOT, require
 from nanovllm.kernels import triton as tk
 
 pytestmark = pytest.mark.ch05
@@ -57,11 +55,7 @@ def test_gpu_sh_runs_it():
 def test_every_section_runs_in_the_interpreter(monkeypatch):
     """The script's own code paths on small shapes: the correctness checks pass, and each timing section builds its
     inputs, calls the kernels and the PyTorch paths, and makes its row. Only the GPU timer is replaced."""
-    why = tk.triton_unavailable()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Triton kernels: {why}")
-        pytest.skip(f"the Triton kernels cannot run here: {why}")
+    require(tk.triton_unavailable(), "the Triton kernels")
     if torch.cuda.is_available():
         pytest.skip("on a GPU, run python -m benchmarks.gpu_kernels itself")
     calls = []

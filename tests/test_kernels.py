@@ -6,13 +6,13 @@ built here straight from the positions, not through any of our paging code.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import require
 from nanovllm.kernels import cpu as kernels
 
 pytestmark = pytest.mark.ch04
@@ -20,11 +20,7 @@ pytestmark = pytest.mark.ch04
 
 @pytest.fixture(autouse=True)
 def c_kernel():
-    why = kernels.c_kernels_unavailable()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must build the C kernel: {why}")
-        pytest.skip(f"the C kernel is not available here: {why}")
+    require(kernels.c_kernels_unavailable(), "the C kernel")
 
 
 def random_case(S, Hq, Hkv, D, block_size, lengths, num_blocks=None, seed=0):

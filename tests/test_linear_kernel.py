@@ -8,12 +8,10 @@ and gives chapter 5's greedy tokens on every family).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import FAMILIES, TINY_MODELS
+from conftest import FAMILIES, TINY_MODELS, require
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers.linear import Linear, use_linear_kernel_
 from nanovllm.sampling_params import SamplingParams
@@ -23,11 +21,7 @@ ROUNDING = 1e-6  # float32 sums of up to ~2000 products, relative to sum |x| |w|
 
 @pytest.fixture(autouse=True)
 def c_kernel():
-    why = kernels.linear_kernel_unavailable()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must build the C linear kernel: {why}")
-        pytest.skip(f"the C linear kernel is not available here: {why}")
+    require(kernels.linear_kernel_unavailable(), "the C linear kernel")
 
 
 def case(M, K, N, seed=0, bias=False):

@@ -8,11 +8,10 @@ error that quantizing x in blocks of 32 can introduce.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import require
 from nanovllm.kernels import cpu as kernels
 from nanovllm.layers import quant_reference as ref
 
@@ -21,11 +20,7 @@ ROUNDING = 1e-6  # float32 sums of a few hundred blocks, relative to sum |x| |w|
 
 @pytest.fixture(autouse=True)
 def c_kernel():
-    why = kernels.quantized_kernels_unavailable()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must build the quantized C kernels: {why}")
-        pytest.skip(f"the quantized C kernels are not available here: {why}")
+    require(kernels.quantized_kernels_unavailable(), "the quantized C kernels")
 
 
 def int8_case(M, N, K, seed=0, bias=False):

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton decorates the kernels: run them on the CPU
 
+from conftest import require  # noqa: E402
 from nanovllm.kernels import triton as tk  # noqa: E402
 from nanovllm.layers import quant_reference as ref  # noqa: E402
 from nanovllm.layers import quantization as qz  # noqa: E402
@@ -26,11 +27,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 @pytest.fixture(autouse=True)
 def triton_kernels():
-    why = tk.triton_unavailable()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Triton kernels: {why}")
-        pytest.skip(f"the Triton kernels cannot run here: {why}")
+    require(tk.triton_unavailable(), "the Triton kernels")
 
 
 def case(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
