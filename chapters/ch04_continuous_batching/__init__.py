@@ -22,6 +22,7 @@ class LLM(LLMEngine):
         "linear_kernel": "torch",
         "quantization": None,  # chapter 7's
         "quantize_lm_head": True,
+        "tensor_parallel_size": 1,  # beyond one device: the engine's, after chapter 7
     }
 
     def __init__(self, model: str = "default", *args, **options):

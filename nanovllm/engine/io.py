@@ -231,4 +231,5 @@ _ENGINE_ARGS = {
     "linear_kernel": _linear_kernel,
     "quantization": lambda name, value: parse_quantization(value),  # chapter 7
     "quantize_lm_head": _flag,
+    "tensor_parallel_size": _count(1, high=1024),  # beyond one device
 }

@@ -15,17 +15,16 @@ from nanovllm.engine.beam_search import BeamSearchParams, beam_search
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.candidates import Row, best_of, candidate_rows, record_logprob, record_prompt_logprobs
 from nanovllm.engine.io import Prompt, check_engine_args, check_prompt, prepare_inputs, request_generator
-from nanovllm.engine.kv_cache import pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.linear import use_linear_kernel_
+from nanovllm.engine.tensor_parallel import ShardSpec, TensorParallelRunner, build_shard, effective_max_model_len
+from nanovllm.engine.tensor_parallel import start as start_tensor_parallel
 from nanovllm.layers.paged_attention import BACKENDS
 from nanovllm.layers.quantization import weight_bytes
 from nanovllm.layers.sampler import SamplingBatch, sample
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import load_model
 
 
 @dataclass
@@ -66,6 +65,7 @@ class LLMEngine:
         linear_kernel: str | None = None,
         quantization: str | None = None,
         quantize_lm_head: bool = True,
+        tensor_parallel_size: int = 1,
     ):
         """Chapter 6's options. enforce_eager=False runs decode-only steps from static buffers padded to a bucket:
         CUDA graphs on a GPU, an eager replay on a CPU (what the tests check; on a CPU it buys nothing, so None,
@@ -76,7 +76,12 @@ class LLMEngine:
 
         Chapter 7's: quantization None (full precision), 'int8' (per output channel) or 'int4' (groups of 32 inputs;
         'int4-g64', 'int4-g128' for bigger groups), applied at load time to every linear layer of the decoder, and to
-        the output layer unless quantize_lm_head=False. Embeddings and norms stay in full precision."""
+        the output layer unless quantize_lm_head=False. Embeddings and norms stay in full precision.
+
+        Beyond one device: tensor_parallel_size=N shards every layer over N processes (this one is rank 0; it
+        spawns the others, gloo on the CPU, NCCL on GPUs cuda:0..N-1), each with its share of the heads, the MLP
+        and the vocabulary, and its own KV pool (engine/tensor_parallel.py). Steps run eagerly then. Call
+        shutdown() (or use the engine as a context manager) to stop the workers before the process ends."""
         check_engine_args(
             dtype=dtype,
             device=device,
@@ -95,33 +100,26 @@ class LLMEngine:
             linear_kernel=linear_kernel,
             quantization=quantization,
             quantize_lm_head=quantize_lm_head,
+            tensor_parallel_size=tensor_parallel_size,
         )
-        loaded = load_model(
-            model,
-            dtype=dtype,
-            device=device,
-            fuse_projections=fuse_projections,
-            quantization=quantization,
-            quantize_lm_head=quantize_lm_head,
-        )
+        load = dict(dtype=dtype, device=device, fuse_projections=fuse_projections, quantization=quantization)
+        load["quantize_lm_head"] = quantize_lm_head
+        pool = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+        pool["gpu_memory_utilization"] = gpu_memory_utilization
+        spec = ShardSpec(model, load, linear_kernel, pool, attention_backend, self.attention_backends)
+        spec.threads = torch.get_num_threads()
+        self.tensor_parallel = start_tensor_parallel(tensor_parallel_size, spec) if tensor_parallel_size > 1 else None
+        try:
+            loaded, self.linear_kernel, self.pool = build_shard(spec, self.tensor_parallel and self.tensor_parallel[0])
+        except BaseException:
+            for proc in self.tensor_parallel[1] if self.tensor_parallel else []:
+                proc.terminate()
+            raise
         self.quantization = quantization
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        self.linear_kernel = use_linear_kernel_(self.model, linear_kernel, device)  # 'c' or 'torch'
-        cfg = self.config
-        self.max_model_len = min(max_model_len or cfg.max_model_len, cfg.max_model_len)
+        self.max_model_len = effective_max_model_len(self.config, max_model_len)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        # on CPU, by default, room for 16 sequences of the full context
-        self.pool = pool_for_model(
-            cfg,
-            self.model.model.embed_tokens.weight.dtype,  # the activations' dtype (a quantized lm_head has none)
-            device,
-            block_size,
-            kv_cache_memory,
-            gpu_memory_utilization,
-            16 * self.max_model_len,
-            max_model_len=self.max_model_len,
-        )
         self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             max_num_batched_tokens = self.max_model_len  # every prompt must fit one step
@@ -129,7 +127,13 @@ class LLMEngine:
         if enforce_eager is None:
             enforce_eager = torch.device(device).type != "cuda"
         graphs = None if enforce_eager else (max_num_seqs, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends, graphs)
+        if self.tensor_parallel:
+            group, workers = self.tensor_parallel
+            self.runner = TensorParallelRunner(
+                self.model, self.pool, group, workers, attention_backend, self.attention_backends
+            )
+        else:
+            self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends, graphs)
         self.requests: dict[int, Sequence] = {}
         self.outputs: dict[int, OutputProcessor] = {}
         self.groups: dict[int, list[int]] = {}  # a request -> its candidates (itself first; n or best_of > 1)
@@ -137,6 +141,17 @@ class LLMEngine:
         self.lock = threading.RLock()
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "peak_running": 0}
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; an engine on one process has nothing to stop)."""
+        if self.tensor_parallel:
+            self.runner.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -76,20 +76,29 @@ class ModelRunner:
 
         `copies` are copy-on-write block pairs (src, dst) the scheduler asked for: done before anything is stored.
         """
-        if copies:
-            self.pool.copy_blocks(copies)
         if self.graphs is not None and self.graphs.can_run(num_tokens):  # one token each: a decode, or a 1-token chunk
+            if copies:
+                self.pool.copy_blocks(copies)
             logits = self.graphs.run(seqs)
             return logits[sample_rows], {i: logits[i : i + 1] for i in every_rows}
         ids, layout, last = self.prepare(seqs, num_tokens)
-        self.attention.begin_step(layout)
-        hidden = self.model(ids, layout.positions[None], self.attention)  # (1, N, E)
         # the output layer only where logits are wanted: its (rows, V) product is a large part of a step
         rows = [last[i] for i in sample_rows]
         for i in every_rows:
             rows += range(last[i] - num_tokens[i] + 1, last[i] + 1)
-        logits = self.model.compute_logits(hidden[0, rows])  # (len(rows), V)
+        logits = self.forward(ids, layout, rows, list(copies))  # (len(rows), V)
         every, start = {}, len(sample_rows)
         for i in every_rows:
             every[i], start = logits[start : start + num_tokens[i]], start + num_tokens[i]
         return logits[: len(sample_rows)], every
+
+    def forward(
+        self, ids: torch.Tensor, layout: StepLayout, rows: list[int], copies: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """The laid-out step on this model: copy-on-write copies first, then the forward; logits (len(rows), V) at
+        the listed rows of the flattened batch. Every rank of a tensor-parallel engine runs this on its shard."""
+        if copies:
+            self.pool.copy_blocks(copies)
+        self.attention.begin_step(layout)
+        hidden = self.model(ids, layout.positions[None], self.attention)  # (1, N, E)
+        return self.model.compute_logits(hidden[0, rows])  # (len(rows), V)

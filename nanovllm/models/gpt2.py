@@ -30,8 +30,9 @@ class GPT2Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         # the checkpoint's c_attn: q, k and v side by side in one matrix, as chapter 6 fuses the Llama ones
-        self.qkv_proj = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        heads = cfg.num_heads * cfg.head_dim  # the hidden size, or a tensor-parallel rank's share of the heads
+        self.qkv_proj = Linear(cfg.hidden_size, 3 * heads, bias=True)
+        self.o_proj = Linear(heads, cfg.hidden_size, bias=True)
         # an option of GPT-2's config: scores of layer i divided by i + 1 as well; scaling q by it is the same
         self.q_scale = 1.0 / (layer_idx + 1) if cfg.scale_attn_by_inverse_layer_idx else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from nanovllm.layers.quantization import INT4_GROUP_SIZES, quantize_model_
 from nanovllm.layers.rotary import rope_inv_freq
 from nanovllm.models import CausalLM, build_model, checkpoint_tensors
 from nanovllm.models.fused import fuse_projections_
+from nanovllm.models.sharding import Collectives, parallelize_, shard_config, shard_tensor
 from nanovllm.utils.llama2c import read_llama2c
 from nanovllm.utils.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer
 
@@ -29,6 +31,9 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+TensorMap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -94,7 +99,9 @@ def load_state_dict_into(model: CausalLM, tensors: dict[str, torch.Tensor], sour
         raise ModelFormatError(f"{source}: missing tensors {missing[:3]}{more}")
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(folder: Path, prepare: TensorMap | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, each passed through `prepare` as it is read ({name: tensor}
+    in, what to keep out): renamed, split, or cut to a tensor-parallel rank's slice before the next one is read."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{folder}: no *.safetensors weight files")
@@ -103,7 +110,8 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    tensors[name] = st.get_tensor(name)
+                    one = {name: st.get_tensor(name)}
+                    tensors.update(one if prepare is None else prepare(one))
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFormatError(f"{f}: unreadable safetensors file ({e})") from e
     return tensors
@@ -146,12 +154,15 @@ def load_model(
     fuse_projections: bool = False,
     quantization: str | None = None,
     quantize_lm_head: bool = True,
+    tensor_parallel: Collectives | None = None,
 ) -> LoadedModel:
     """Load a model by short name ('default'), Hugging Face folder, or llama2.c checkpoint.
 
     fuse_projections (chapter 6) concatenates each layer's q/k/v weights, and its gate/up weights, once loaded.
     quantization (chapter 7): 'int8' (per output channel), 'int4' (groups of 32 inputs), 'int4-g64', 'int4-g128'
     replaces the decoder's linear layers (and the output layer, if quantize_lm_head) by quantized ones.
+    tensor_parallel (a rank's process group) loads only that rank's shard, and puts the all-reduces in
+    (models/sharding.py); `config` stays the whole model's.
     """
     scheme, group_size = parse_quantization(quantization)
     if not isinstance(model, (str, os.PathLike)):
@@ -162,24 +173,30 @@ def load_model(
         raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder{hint}")
     torch_dtype = resolve_dtype(dtype)
     check_device(device)
+    rank, size = (tensor_parallel.rank, tensor_parallel.size) if tensor_parallel is not None else (0, 1)
+
+    def prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors = checkpoint_tensors(cfg, tensors)  # GPT-2's names and Conv1D layout, Phi-3's fused projections
+        return {name: shard_tensor(name, t, cfg, rank, size) for name, t in tensors.items()}  # this rank's slice
+
     llama2c = find_llama2c(path)
     if llama2c is not None:
         hf_config, tensors = read_llama2c(llama2c[0])
         cfg = ModelConfig.from_dict(hf_config, source=str(llama2c[0]))
         tokenizer: Tokenizer = Llama2cTokenizer(llama2c[1], cfg.vocab_size)
-        source = str(llama2c[0])
+        source, tensors = str(llama2c[0]), prepare(tensors)
     elif path.is_dir():
         cfg = ModelConfig.from_folder(path)
-        tensors = read_safetensors(path)
+        shard_config(cfg, size)  # a model that cannot be split so is refused before any weight is read
+        tensors = read_safetensors(path, prepare)
         tokenizer = HFTokenizer(path)
         source = str(path)
     else:
         raise ModelFormatError(f"{path}: neither a Hugging Face model folder nor a llama2.c .bin checkpoint")
     if cfg.eos_token_ids:
         tokenizer.eos_token_ids = cfg.eos_token_ids
-    tensors = checkpoint_tensors(cfg, tensors)  # GPT-2's names and Conv1D layout, Phi-3's fused projections
     with torch.device("meta"):  # no memory and no random init for weights we overwrite anyway
-        net = build_model(cfg)  # the architecture's class (models/__init__.py)
+        net = build_model(shard_config(cfg, size))  # the architecture's class (models/__init__.py), one rank's
     net.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         net.lm_head.weight = net.model.embed_tokens.weight
@@ -194,4 +211,6 @@ def load_model(
     if scheme is not None:
         quantize_model_(net, scheme, group_size, lm_head=quantize_lm_head)
     net.transpose_weights_()
+    if tensor_parallel is not None:
+        parallelize_(net, tensor_parallel, cfg.vocab_size)
     return LoadedModel(net, cfg, tokenizer, path)
