@@ -35,6 +35,9 @@ class RunResult:
     # memory measured by the engine's own process (a worker); None: the caller measures its own process
     peak_mem_bytes: int | None = None
     mem_growth_bytes: int | None = None
+    # tensor parallelism: rank 0's time in collectives (all-reduces, the logits' gather, the plans' broadcasts)
+    collective_s: float | None = None
+    plan_s: float | None = None  # of which the step plans' broadcasts
 
 
 class ForwardCounter:
@@ -321,6 +324,9 @@ class ChapterEngine(Engine):
     def run(self, requests: list[Request]) -> RunResult:
         start = self.passes.count if self.passes else 0
         self.done, self.total, self.passes_at_start = 0, len(requests), start
+        runner = getattr(self.llm, "runner", None)
+        group = getattr(runner, "group", None)  # a tensor-parallel engine's process group
+        collectives = (group.seconds, runner.plan_seconds) if group is not None else None
         if self.streams:
             result = self._run_streaming(requests)
         else:
@@ -333,6 +339,9 @@ class ChapterEngine(Engine):
         self.done = self.total
         if self.passes:
             result.forward_passes = self.passes.since(start)
+        if collectives is not None:
+            result.collective_s = group.seconds - collectives[0]
+            result.plan_s = runner.plan_seconds - collectives[1]
         return result
 
     def progress(self) -> str | None:
@@ -369,6 +378,11 @@ class ChapterEngine(Engine):
         if reported is not None:
             return int(reported() if callable(reported) else reported)
         return find_kv_tensors_bytes(self.llm)
+
+    def close(self) -> None:
+        shutdown = getattr(self.llm, "shutdown", None)  # tensor-parallel workers stop with the benchmark's engine
+        if shutdown is not None:
+            shutdown()
 
     def info(self) -> dict[str, Any]:
         info = {"kind": self.kind, "package": self.package, "options": self.options, "streams": self.streams}

@@ -177,6 +177,8 @@ class RunMetrics:
     tpot_s: dict[str, float] | None
     token_ids: list[list[int]] = field(repr=False, default_factory=list)
     forward_passes: int | None = None
+    collective_s: float | None = None
+    plan_s: float | None = None
 
 
 def run_metrics(workload: Workload, result: RunResult, ttft_run_s: float | None = None) -> RunMetrics:
@@ -207,6 +209,8 @@ def run_metrics(workload: Workload, result: RunResult, ttft_run_s: float | None 
         median_p99(tpot),
         result.token_ids,
         result.forward_passes,
+        result.collective_s,
+        result.plan_s,
     )
 
 
@@ -306,6 +310,9 @@ def summarize(m: Measured, engine: str, baseline: str | None) -> dict[str, Any]:
         "run_mem_bytes": m.run_growth.get(engine),
         "runs": [{"wall_s": x.wall_s, "output_tok_s": x.output_tok_s} for x in runs],
     }
+    if runs and runs[0].collective_s is not None:  # tensor parallel: the share of the run spent communicating
+        out["collective_share"] = statistics.median(x.collective_s / x.wall_s for x in runs)
+        out["plan_share"] = statistics.median(x.plan_s / x.wall_s for x in runs)
     if baseline is not None and baseline in m.rounds:
         rs = ratios(runs, m.rounds[baseline])
         out["ratio_vs_baseline"] = statistics.median(rs)

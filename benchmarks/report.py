@@ -134,6 +134,14 @@ def render(results: dict[str, Any]) -> str:
         parts += ["", "ROADMAP targets:", targets_text(results)]
     if results.get("skipped"):
         parts += ["", *[f"skipped {k}: {v}" for k, v in results["skipped"].items()]]
+    for wl_name, wl in results["workloads"].items():
+        for name, e in wl["engines"].items():
+            if e.get("collective_share") is not None:
+                parts.append(
+                    f"{wl_name}, {name}: rank 0 spent {e['collective_share']:.0%} of the run in collectives "
+                    f"(all-reduces, the logits' gather, waiting for slower ranks), {e['plan_share']:.1%} in "
+                    f"broadcasting step plans."
+                )
     notes = [n for wl in results["workloads"].values() for n in wl.get("notes", [])]
     parts += [f"note: {n}" for n in notes]
     return "\n".join(parts)

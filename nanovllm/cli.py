@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     # no argparse choices: a bad name is then the engine's one-line error, not a usage message
     gen.add_argument("--quantization", default=None, metavar="{" + ",".join(QUANTIZATIONS) + "}",
                      help="weight-only quantization of the linear layers (default: none, full precision)")  # fmt: skip
+    gen.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over N processes")
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra: fastapi, uvicorn)")
     srv.add_argument("model", nargs="?", default="default", help="'default', a Hugging Face folder or a llama2.c .bin")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -80,6 +81,8 @@ def engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     parser.add_argument("--quantization", default=None, help="int8, int4, int4-g64 or int4-g128")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="shard the model over N processes (CPU: gloo; CUDA: NCCL, a GPU each)")  # fmt: skip
 
 
 def load_engine(args: argparse.Namespace):
@@ -88,6 +91,7 @@ def load_engine(args: argparse.Namespace):
     return LLM(
         args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
     )  # fmt: skip
 
 
@@ -101,7 +105,11 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: F401 (checked before the model loads)
 
     name = args.served_model_name or ("default" if args.model == "default" else Path(args.model).name)
-    run_server(load_engine(args), name, args.host, args.port, args.api_key)
+    engine = load_engine(args)
+    try:
+        run_server(engine, name, args.host, args.port, args.api_key)
+    finally:
+        engine.shutdown()  # tensor-parallel workers stop with the server
     return 0
 
 
@@ -119,7 +127,15 @@ def generate(args: argparse.Namespace) -> int:
     params = SamplingParams(  # checked before the model loads too
         temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    llm = LLM(
+        args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
+    with llm:  # stops tensor-parallel workers, if any, however this ends
+        return print_generated(llm, args, params)
+
+
+def print_generated(llm, args: argparse.Namespace, params: SamplingParams) -> int:
     start = time.perf_counter()
     if args.stream:
         outputs = [stream(llm, args.prompts[0], params)]

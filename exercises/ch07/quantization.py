@@ -5,15 +5,16 @@ Check your work with: pytest --impl=exercises -m ch07 -k "task1|task2|task3"
 """
 
 from __future__ import annotations
+from collections.abc import Callable
 import torch
 from torch import nn
 from nanovllm.kernels.cpu import INT4_GROUP_SIZES
 from nanovllm.layers.linear import Linear
-from nanovllm.layers.quantization import SCHEMES, dequantize_int8, dequantize_int4, QuantLinear, kernel_path, triton_kernels, cpu_kernels, quantize_model_, weight_bytes  # the rest of the file, as given
+from nanovllm.layers.quantization import SCHEMES, RowMax, dequantize_int8, dequantize_int4, QuantLinear, kernel_path, triton_kernels, cpu_kernels, quantize_model_, weight_bytes  # the rest of the file, as given
 import nanovllm.layers.quantization as _reference
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(w: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 quantization with one scale per output channel (row of W).
 
     Each row's scale maps its largest magnitude to 127: scale[o] = max_i |w[o, i]| / 127, and
@@ -22,6 +23,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Args:
         w: (out, in) float weight, in the (out, in) layout of nn.Linear.
+        absmax: (out,) each row's largest magnitude, when w is a slice of the row (a tensor-parallel rank's
+            columns) and the scale must be the whole row's.
     Returns:
         qweight (out, in) int8, scale (out,) float32.
     """

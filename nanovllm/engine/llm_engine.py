@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -129,9 +131,12 @@ class LLMEngine:
         graphs = None if enforce_eager else (max_num_seqs, self.max_model_len)
         if self.tensor_parallel:
             group, workers = self.tensor_parallel
+            group.seconds, group.calls = 0.0, 0  # from here on: the steps' collectives, not the start's
             self.runner = TensorParallelRunner(
                 self.model, self.pool, group, workers, attention_backend, self.attention_backends
             )
+            # the workers stop with this process if nobody called shutdown() (a weak reference: the engine can go)
+            atexit.register(_shutdown_at_exit, weakref.ref(self.runner))
         else:
             self.runner = ModelRunner(self.model, self.pool, attention_backend, self.attention_backends, graphs)
         self.requests: dict[int, Sequence] = {}
@@ -427,6 +432,11 @@ class LLMEngine:
             bar.close()
             for i in ids:
                 self.release(i)
+
+
+def _shutdown_at_exit(runner: weakref.ref) -> None:
+    if runner() is not None:
+        runner().shutdown()
 
 
 def _released(request_id: int) -> dict:

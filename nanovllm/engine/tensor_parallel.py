@@ -71,11 +71,16 @@ class ProcessGroup:
         return tensor
 
     def all_reduce_min(self, value: int) -> int:
-        t = torch.tensor([value], device=self.device)
+        return int(self._reduce(torch.tensor([value], device=self.device), dist.ReduceOp.MIN).item())
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor.contiguous(), dist.ReduceOp.MAX)
+
+    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         options = dist.AllreduceOptions()
-        options.reduceOp = dist.ReduceOp.MIN
-        self._wait(self.pg.allreduce([t], options))
-        return int(t.item())
+        options.reduceOp = op
+        self._wait(self.pg.allreduce([tensor], options))
+        return tensor
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         self._wait(self.pg.broadcast(tensor, 0))
@@ -171,7 +176,12 @@ def decode_step(plan: torch.Tensor) -> tuple[torch.Tensor, StepLayout, list[int]
 
 
 class TensorParallelRunner(ModelRunner):
-    """Rank 0's runner: sends each step's plan to the other ranks, then runs its own shard with them."""
+    """Rank 0's runner: sends each step's plan to the other ranks, then runs its own shard with them.
+    Dropped without shutdown(), it stops its workers (they would otherwise wait for a plan forever)."""
+
+    def __del__(self):
+        if getattr(self, "workers", None):
+            self.shutdown()
 
     def __init__(self, model, pool, group: ProcessGroup, workers: list, attention_backend: str, allowed):
         super().__init__(model, pool, attention_backend, allowed)
@@ -197,10 +207,15 @@ class TensorParallelRunner(ModelRunner):
             self.group.broadcast(plan)
 
     def _why(self, error: BaseException) -> str:
+        """Which rank stopped first: one killed by a signal, else one that failed (the others then fail on it)."""
+        ended = []
         for rank, proc in enumerate(self.workers, start=1):
             proc.join(timeout=1.0)
             if proc.exitcode is not None:
-                return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; engine stopped"
+                ended.append((proc.exitcode >= 0, proc.exitcode == 0, rank, proc))
+        if ended:
+            _, _, rank, proc = min(ended, key=lambda e: e[:3])
+            return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; engine stopped"
         return f"a tensor-parallel step failed on rank 0 ({type(error).__name__}: {error}); engine stopped"
 
     def shutdown(self, send_stop: bool = True) -> None:
@@ -223,7 +238,10 @@ def serve(runner: ModelRunner, group: ProcessGroup) -> None:
     """A worker's loop: run each step rank 0 sends, until it says stop."""
     header = torch.zeros(2, dtype=torch.int64, device=group.device)
     while True:
-        command, length = group.broadcast(header).tolist()
+        try:
+            command, length = group.broadcast(header).tolist()
+        except RuntimeError:  # rank 0 went away between steps (its process ended): nothing left to serve
+            return
         if command == STOP:
             return
         plan = group.broadcast(torch.empty(length, dtype=torch.int64, device=group.device))
@@ -243,6 +261,7 @@ def worker_main(rank: int, size: int, init_method: str, spec: ShardSpec) -> None
             spec.load = {**spec.load, "device": device}
         group = ProcessGroup(rank, size, init_method, device)
         loaded, _, pool = build_shard(spec, group)
+        group.seconds, group.calls = 0.0, 0
         serve(ModelRunner(loaded.model, pool, spec.attention_backend, spec.allowed_backends), group)
     except BaseException:
         traceback.print_exc()

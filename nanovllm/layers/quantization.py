@@ -3,6 +3,8 @@ that multiplies by them. A decode step reads every weight once, so fewer bytes a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -10,9 +12,10 @@ from nanovllm.kernels.cpu import INT4_GROUP_SIZES  # the group sizes the kernels
 from nanovllm.layers.linear import Linear
 
 SCHEMES = ("int8", "int4")
+RowMax = Callable[[torch.Tensor], torch.Tensor]  # (out,) a slice's row maxima -> the whole rows' maxima
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(w: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 quantization with one scale per output channel (row of W).
 
     Each row's scale maps its largest magnitude to 127: scale[o] = max_i |w[o, i]| / 127, and
@@ -21,11 +24,13 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Args:
         w: (out, in) float weight, in the (out, in) layout of nn.Linear.
+        absmax: (out,) each row's largest magnitude, when w is a slice of the row (a tensor-parallel rank's
+            columns) and the scale must be the whole row's.
     Returns:
         qweight (out, in) int8, scale (out,) float32.
     """
     w = w.float()
-    scale = w.abs().amax(dim=1) / 127  # (out,)
+    scale = (w.abs().amax(dim=1) if absmax is None else absmax.float()) / 127  # (out,)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
@@ -79,7 +84,7 @@ class QuantLinear(nn.Module):
     quantized bytes and multiplies in x's dtype on the tensor cores; kernel_path() below decides.
     """
 
-    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32):
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, row_max: RowMax | None = None):
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"quantization must be one of {SCHEMES}, got {scheme!r}")
@@ -94,7 +99,10 @@ class QuantLinear(nn.Module):
                 f"INT4 with groups of {group_size} needs in_features ({self.in_features}) to be a multiple of "
                 f"{group_size}: choose a smaller group (int4-g32 is the smallest)"
             )
-        q, s = quantize_int8(w) if scheme == "int8" else quantize_int4(w, group_size)
+        if scheme == "int8":  # row_max: the whole rows' largest magnitudes, for a row-parallel rank's columns
+            q, s = quantize_int8(w, None if row_max is None else row_max(w.float().abs().amax(dim=1)))
+        else:  # a group of inputs lies within one rank's columns: its scale is the same as the whole row's
+            q, s = quantize_int4(w, group_size)
         self.register_buffer("qweight", q)
         self.register_buffer("scales", s)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
@@ -173,16 +181,24 @@ def cpu_kernels():
     return cpu if unavailable is not None and unavailable() is None else None
 
 
-def quantize_model_(model: nn.Module, scheme: str, group_size: int = 32, lm_head: bool = True) -> nn.Module:
+def quantize_model_(
+    model: nn.Module,
+    scheme: str,
+    group_size: int = 32,
+    lm_head: bool = True,
+    row_max: Callable[[str], RowMax | None] | None = None,
+) -> nn.Module:
     """Replace every Linear of the decoder's layers (and the output layer, if lm_head) by a QuantLinear, in place.
-    Embeddings and norms stay in full precision."""
+    Embeddings and norms stay in full precision. row_max(name), under tensor parallelism: how the layer of that
+    name finds its whole rows' largest magnitudes from its slice's (an all-reduce for a row-parallel one), so that
+    each rank's INT8 scales are the one-process engine's."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     for name, module in targets:
         if name == "lm_head" and not lm_head:
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(module, scheme, group_size))
+        setattr(parent, attr, QuantLinear(module, scheme, group_size, row_max and row_max(name)))
     return model
 
 

@@ -38,6 +38,8 @@ class Collectives(Protocol):
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...  # in place, and returned
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
     def gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor: ...  # rank 0: every rank's, side by side
 
 
@@ -158,6 +160,14 @@ class GatheredLogits(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.group.gather_last_dim(self.inner(hidden).contiguous())  # rank 0: (rows, N * V/N)
         return logits[..., : self.vocab_size]
+
+
+def row_max(group: Collectives):
+    """For quantize_model_: a row-parallel layer's INT8 scales from the whole rows (the largest magnitude over
+    every rank's columns), the others' from their own rows, which are whole."""
+    if group.size == 1:
+        return None
+    return lambda name: group.all_reduce_max if name.rpartition(".")[2] in ROW else None
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from nanovllm.layers.quantization import INT4_GROUP_SIZES, quantize_model_
 from nanovllm.layers.rotary import rope_inv_freq
 from nanovllm.models import CausalLM, build_model, checkpoint_tensors
 from nanovllm.models.fused import fuse_projections_
-from nanovllm.models.sharding import Collectives, parallelize_, shard_config, shard_tensor
+from nanovllm.models.sharding import Collectives, parallelize_, row_max, shard_config, shard_tensor
 from nanovllm.utils.llama2c import read_llama2c
 from nanovllm.utils.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer
 
@@ -209,7 +209,8 @@ def load_model(
     if cfg.position_embedding == "rope":  # GPT-2 learns a table of positions instead
         net.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     if scheme is not None:
-        quantize_model_(net, scheme, group_size, lm_head=quantize_lm_head)
+        tp_scales = row_max(tensor_parallel) if tensor_parallel is not None else None
+        quantize_model_(net, scheme, group_size, lm_head=quantize_lm_head, row_max=tp_scales)
     net.transpose_weights_()
     if tensor_parallel is not None:
         parallelize_(net, tensor_parallel, cfg.vocab_size)
