@@ -11,7 +11,7 @@ number of blocks, so the block tables rank 0's block manager hands out are valid
 The plan is two broadcasts: its length, then the int64 tensor (token ids, positions, slots, logit rows,
 copy-on-write pairs, block tables); `ProcessGroup.seconds` counts the time spent in collectives on rank 0.
 With torchrun (several machines), every process runs the user's script; `LLMEngine(...)` on a rank other than 0
-serves steps until rank 0 shuts down, then exits (see book/tensor_parallel.md).
+serves steps until rank 0 shuts down, then exits (README.md, "Beyond one device", has the flags).
 """
 
 from __future__ import annotations
