@@ -13,6 +13,7 @@
 # CUDA graphs, fused projections) against chapter 5 (eager) on decode-1 (>= 2x) and decode-8 (8 requests
 # decoding together, >= 1.3x), with the graphs' capture time and memory. Part 5, chapter 7: decode-1 of the engine
 # with bf16, INT8 and INT4 weights (benchmarks/gpu_quant.py, run first, checks and times the quantized matmuls alone).
+# Part 6, tensor parallelism over every GPU found (skipped with one).
 # Never run yet: no session so far had a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,5 +94,18 @@ for name, label in (("ch07", "bf16"), ("ch07[quantization=int8]", "int8"), ("ch0
 EOF
 else
     echo "chapter 7 engine run skipped: $SECONDS s spent already, and the script keeps under 5 minutes"
+fi
+
+# Part 6, tensor parallelism: the engine over every GPU the machine has (NCCL), against one GPU, on decode-1 and mixed.
+# Skipped with one GPU, or when the script has run 270 s already. Estimated, not measured (no session had 2 GPUs).
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if ((gpus < 2)); then
+    echo "tensor parallelism skipped: $gpus GPU visible (it needs 2 or more)"
+elif ((SECONDS < 270)); then
+    "$PY" -m benchmarks --device cuda --model "$MODEL" --workload decode-1,mixed --baseline ch07 --repeats 2 --warmup 16 \
+        --engines "ch07,ch07[tensor_parallel_size=$gpus]" --out "$OUT/tensor-parallel" \
+        || echo "the tensor-parallel run did not finish; going on"
+else
+    echo "tensor parallelism skipped: $SECONDS s spent already, and the script keeps under 5 minutes"
 fi
 echo "all done in $((SECONDS - start)) s: $OUT"

@@ -21,6 +21,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.engine.tensor_parallel import WorkerDiedError, decode_step, encode_step
 from nanovllm.layers.paged_attention import PrefillChunk, StepLayout
 from nanovllm.models.sharding import shard_config, shard_tensor
+from nanovllm.utils import loader
 
 PROMPTS = ["Once upon a time", "The cat sat on the mat and", "hello " * 6, "Once upon a time there was"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -96,6 +97,75 @@ def test_each_rank_holds_its_share_of_the_weights():
         # rank 0's KV pool: its KV heads (1 of 2) per block, so twice the blocks in the same budget
         assert tp.pool.k.shape[3] == 1 and tp.pool.num_blocks == 2 * full.pool.num_blocks
         assert tp.weight_bytes < 0.6 * full.weight_bytes
+
+
+class ReadCounter:
+    """safe_open as the loader uses it, counting the bytes of every tensor or slice it hands out."""
+
+    def __init__(self, monkeypatch):
+        self.bytes = 0
+        real = loader.safe_open
+
+        def counted(*args, **kwargs):
+            st = real(*args, **kwargs)
+            counter = self
+
+            class Counted:
+                def __enter__(self):
+                    self.st = st.__enter__()
+                    return self
+
+                def __exit__(self, *exc):
+                    return st.__exit__(*exc)
+
+                def keys(self):
+                    return self.st.keys()
+
+                def get_tensor(self, name):
+                    return counter.count(self.st.get_tensor(name))
+
+                def get_slice(self, name):
+                    inner = self.st.get_slice(name)
+
+                    class Slice:
+                        get_shape = inner.get_shape
+
+                        def __getitem__(self, index):
+                            return counter.count(inner[index])
+
+                    return Slice()
+
+            return Counted()
+
+        monkeypatch.setattr(loader, "safe_open", counted)
+
+    def count(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+class RankOf:
+    """The rank and size load_model reads a shard for (nothing is sent: loading talks only for INT8 scales)."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+def test_a_rank_reads_only_its_slices_of_the_checkpoint(monkeypatch):
+    folder = TINY_MODELS / "tiny-qwen2"  # untied: the output layer is read (and cut) too
+    reads = ReadCounter(monkeypatch)
+    whole = loader.load_model(folder)
+    file_bytes = reads.bytes
+    reads.bytes = 0
+    shard = loader.load_model(folder, tensor_parallel=RankOf(1, 2))
+    assert sum(p.numel() for p in shard.model.parameters()) < 0.6 * sum(p.numel() for p in whole.model.parameters())
+    assert reads.bytes < 0.6 * file_bytes  # half of every linear layer and of the vocabulary, the norms whole
+    assert file_bytes == sum(f.stat().st_size for f in folder.glob("*.safetensors")) - header_bytes(folder)
+
+
+def header_bytes(folder) -> int:
+    """The JSON headers of a folder's safetensors files (8 bytes of length, then the header)."""
+    return sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in folder.glob("*.safetensors"))
 
 
 def test_shards_put_back_together_are_the_checkpoint():

@@ -14,8 +14,9 @@ With N ranks, every layer is split so that each rank does 1/N of the arithmetic 
   gathered on rank 0, the only rank that samples.
 
 A row-parallel bias (GPT-2's) is kept by rank 0 only: every rank adds its partial product, the bias is added once.
-Norms, positions and the router are replicated. The slicing happens tensor by tensor as the checkpoint is read,
-so a rank never holds more than its shard plus the one full tensor being cut.
+Norms, positions and the router are replicated. The slicing happens tensor by tensor as the checkpoint is read:
+a rank reads only its rows or columns of the file (a family whose checkpoint must first be renamed or split,
+GPT-2's and Phi-3's, reads one whole tensor at a time and cuts it), so it never holds much more than its shard.
 """
 
 from __future__ import annotations
@@ -84,34 +85,43 @@ def vocab_shard(vocab_size: int, size: int) -> int:
     return -(-vocab_size // size)
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
-    """Rank `rank`'s slice of the checkpoint tensor `name` (our names; `cfg` is the whole model's config)."""
+def shard_tensor(name: str, tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s slice of the checkpoint tensor `name` (our names; `cfg` is the whole model's config).
+
+    `tensor` is a torch.Tensor or anything with `.shape` that reads rows or columns when indexed (the loader's
+    CheckpointSlice): only the indexing below touches it, so a rank reads its slice of a file, not the whole."""
     if size == 1:
-        return tensor
+        return tensor[:]
     module, param = name.rsplit(".", 2)[-2:]
     kind = "row" if module in ROW else "vocab" if module in VOCAB else COLUMN.get(module)
     if kind is None:  # norms, positions, the router, q_norm/k_norm (per head_dim): every rank has them whole
-        return tensor
+        return tensor[:]
     if kind in ("q", "col"):
-        return tensor.chunk(size, dim=0)[rank].contiguous()
+        return tensor[share(tensor.shape[0], rank, size)].contiguous()
     if kind == "kv":
         return kv_rows(tensor, cfg, rank, size)
     if kind == "qkv":  # GPT-2's c_attn: q, k and v each cut by heads, then side by side again
-        return torch.cat([part.chunk(size, dim=0)[rank] for part in tensor.chunk(3, dim=0)])
+        return torch.cat([part.chunk(size, dim=0)[rank] for part in tensor[:].chunk(3, dim=0)])
     if kind == "row":
         if param == "bias":  # added once, by rank 0, after the partial products
-            return tensor if rank == 0 else torch.zeros_like(tensor)
-        return tensor.chunk(size, dim=1)[rank].contiguous()
+            return tensor[:] if rank == 0 else torch.zeros_like(tensor[:])
+        return tensor[:, share(tensor.shape[1], rank, size)].contiguous()
     rows = vocab_shard(cfg.vocab_size, size)  # "vocab": embedding and output layer, by rows, the last padded
-    part = tensor[rank * rows : (rank + 1) * rows]
+    part = tensor[rank * rows : min((rank + 1) * rows, tensor.shape[0])]
     return F.pad(part, (0, 0, 0, rows - part.shape[0])) if part.shape[0] < rows else part.contiguous()
 
 
-def kv_rows(tensor: torch.Tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
+def share(length: int, rank: int, size: int) -> slice:
+    """Rank `rank`'s equal share of `length` rows or columns (shard_config checked that `size` divides it)."""
+    step = length // size
+    return slice(rank * step, (rank + 1) * step)
+
+
+def kv_rows(tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
     """k_proj's or v_proj's rows for this rank: its share of KV heads, or, with fewer KV heads than ranks, the one
     KV head its query heads read (query heads [r Hq/N, (r+1) Hq/N) all fall in KV head r Hkv / N)."""
     if cfg.num_kv_heads >= size:
-        return tensor.chunk(size, dim=0)[rank].contiguous()
+        return tensor[share(tensor.shape[0], rank, size)].contiguous()
     head = rank * cfg.num_kv_heads // size
     return tensor[head * cfg.head_dim : (head + 1) * cfg.head_dim].contiguous()
 

@@ -14,7 +14,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.errors import ModelFormatError
 from nanovllm.layers.quantization import INT4_GROUP_SIZES, quantize_model_
 from nanovllm.layers.rotary import rope_inv_freq
-from nanovllm.models import CausalLM, build_model, checkpoint_tensors
+from nanovllm.models import CHECKPOINT_NAMES, CausalLM, build_model, checkpoint_tensors
 from nanovllm.models.fused import fuse_projections_
 from nanovllm.models.sharding import Collectives, parallelize_, row_max, shard_config, shard_tensor
 from nanovllm.utils.llama2c import read_llama2c
@@ -99,9 +99,21 @@ def load_state_dict_into(model: CausalLM, tensors: dict[str, torch.Tensor], sour
         raise ModelFormatError(f"{source}: missing tensors {missing[:3]}{more}")
 
 
-def read_safetensors(folder: Path, prepare: TensorMap | None = None) -> dict[str, torch.Tensor]:
+class CheckpointSlice:
+    """A tensor of a safetensors file not read yet: indexing it reads only those rows or columns from the file."""
+
+    def __init__(self, st, name: str):
+        self._slice = st.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+
+def read_safetensors(folder: Path, prepare: TensorMap | None = None, sliced: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors files, each passed through `prepare` as it is read ({name: tensor}
-    in, what to keep out): renamed, split, or cut to a tensor-parallel rank's slice before the next one is read."""
+    in, what to keep out): renamed, split, or cut to a tensor-parallel rank's slice before the next one is read.
+    sliced: `prepare` gets CheckpointSlices and reads what it keeps (a rank's rows or columns) itself."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{folder}: no *.safetensors weight files")
@@ -110,7 +122,7 @@ def read_safetensors(folder: Path, prepare: TensorMap | None = None) -> dict[str
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    one = {name: st.get_tensor(name)}
+                    one = {name: CheckpointSlice(st, name) if sliced else st.get_tensor(name)}
                     tensors.update(one if prepare is None else prepare(one))
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFormatError(f"{f}: unreadable safetensors file ({e})") from e
@@ -188,7 +200,8 @@ def load_model(
     elif path.is_dir():
         cfg = ModelConfig.from_folder(path)
         shard_config(cfg, size)  # a model that cannot be split so is refused before any weight is read
-        tensors = read_safetensors(path, prepare)
+        # a rank reads only its slices, unless the family's checkpoint must be renamed or split whole first
+        tensors = read_safetensors(path, prepare, sliced=size > 1 and cfg.architecture not in CHECKPOINT_NAMES)
         tokenizer = HFTokenizer(path)
         source = str(path)
     else:
