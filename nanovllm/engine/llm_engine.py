@@ -131,7 +131,7 @@ class LLMEngine:
         graphs = None if enforce_eager else (max_num_seqs, self.max_model_len)
         if self.tensor_parallel:
             group, workers = self.tensor_parallel
-            group.seconds, group.calls = 0.0, 0  # from here on: the steps' collectives, not the start's
+            group.seconds = 0.0  # from here on: the steps' collectives, not the start's
             self.runner = TensorParallelRunner(
                 self.model, self.pool, group, workers, attention_backend, self.attention_backends
             )

@@ -1,5 +1,5 @@
-"""Tensor parallelism, the engine's side: the worker processes, the process group the ranks share, and each step's
-plan, which rank 0 (the only rank that schedules and samples) broadcasts as one small tensor of integers.
+"""Tensor parallelism, the engine's side: the worker processes and each step's plan, which rank 0 (the only rank that
+schedules and samples) broadcasts as one small tensor of integers (the ranks' collectives: process_group.py).
 
 Rank 0 is the engine's own process. `LLMEngine(tensor_parallel_size=N)` spawns ranks 1..N-1; every rank loads its
 shard of the model (models/sharding.py) and builds its own KV pool, holding its share of the KV heads, with the same
@@ -16,7 +16,6 @@ serves steps until rank 0 shuts down, then exits (README.md, "Beyond one device"
 
 from __future__ import annotations
 
-import datetime
 import os
 import pickle
 import socket
@@ -29,71 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nanovllm.config import ModelConfig
 from nanovllm.engine.kv_cache import KVPool, pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.process_group import ProcessGroup
 from nanovllm.layers.linear import use_linear_kernel_
 from nanovllm.layers.paged_attention import PrefillChunk, StepLayout
 from nanovllm.models.sharding import shard_config
 from nanovllm.utils.loader import LoadedModel, load_model
 
 STOP, STEP = 0, 1
-TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a slow rank (a long CPU prefill) at most
 
 
 class WorkerDiedError(RuntimeError):
     """A tensor-parallel rank stopped; the engine has shut the others down and cannot run steps any more."""
-
-
-class ProcessGroup:
-    """The ranks' collectives (gloo on the CPU, NCCL on CUDA), on a group of their own, not torch's global one:
-    several engines can live in one process, one after the other."""
-
-    def __init__(self, rank: int, size: int, init_method: str, device: str):
-        self.rank, self.size, self.device = rank, size, torch.device(device)
-        store, _, _ = next(dist.rendezvous(init_method, rank, size, timeout=TIMEOUT))
-        if self.device.type == "cuda":
-            self.pg = dist.ProcessGroupNCCL(store, rank, size)
-        else:
-            self.pg = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
-        self.seconds, self.calls = 0.0, 0  # time in collectives on this rank (CPU: they are synchronous)
-
-    def _wait(self, work) -> None:
-        start = time.perf_counter()
-        work.wait()
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._wait(self.pg.allreduce([tensor]))
-        return tensor
-
-    def all_reduce_min(self, value: int) -> int:
-        return int(self._reduce(torch.tensor([value], device=self.device), dist.ReduceOp.MIN).item())
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor.contiguous(), dist.ReduceOp.MAX)
-
-    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
-        options = dist.AllreduceOptions()
-        options.reduceOp = op
-        self._wait(self.pg.allreduce([tensor], options))
-        return tensor
-
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._wait(self.pg.broadcast(tensor, 0))
-        return tensor
-
-    def gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0: every rank's tensor side by side along the last dimension; the others: an empty (..., 0)."""
-        if self.rank == 0:
-            parts = [torch.empty_like(tensor) for _ in range(self.size)]
-            self._wait(self.pg.gather(parts, tensor, 0))
-            return torch.cat(parts, dim=-1)
-        self._wait(self.pg.gather([], tensor, 0))
-        return tensor.new_empty(*tensor.shape[:-1], 0)
 
 
 @dataclass
@@ -261,7 +210,7 @@ def worker_main(rank: int, size: int, init_method: str, spec: ShardSpec) -> None
             spec.load = {**spec.load, "device": device}
         group = ProcessGroup(rank, size, init_method, device)
         loaded, _, pool = build_shard(spec, group)
-        group.seconds, group.calls = 0.0, 0
+        group.seconds = 0.0
         serve(ModelRunner(loaded.model, pool, spec.attention_backend, spec.allowed_backends), group)
     except BaseException:
         traceback.print_exc()
@@ -289,6 +238,7 @@ class Worker:
     on stdin, pickled."""
 
     def __init__(self, rank: int, size: int, init_method: str, spec: ShardSpec):
+        self.rank = rank
         root = str(Path(__file__).resolve().parents[2])  # where nanovllm is importable from, installed or not
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         code = f"import sys, pickle; from {__name__} import worker_main; worker_main({rank}, {size}, "
@@ -328,7 +278,9 @@ def start(size: int, spec: ShardSpec) -> tuple[ProcessGroup, list[Worker]]:
     init_method = f"tcp://127.0.0.1:{free_port()}"
     workers = [Worker(r, size, init_method, spec) for r in range(1, size)]
     try:
-        return ProcessGroup(0, size, init_method, spec.load["device"]), workers
+        group = ProcessGroup(0, size, init_method, spec.load["device"])
+        group.children = workers
+        return group, workers
     except BaseException:
         for worker in workers:
             worker.terminate()
