@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -92,3 +93,23 @@ def test_a_process_that_ended_is_gone_even_before_it_is_reaped():
     assert process_gone(child.pid)
     child.wait()
     assert process_gone(child.pid)
+
+
+@pytest.mark.parametrize("path", ["shared memory", "gloo"])
+def test_plans_reach_every_rank_however_long_the_engine_idles(monkeypatch, path):
+    monkeypatch.setattr(process_group, "TIMEOUT", process_group.datetime.timedelta(seconds=1))
+    plans = [(1, torch.arange(5)), (1, torch.arange(SLOT_BYTES // 8)), (0, torch.empty(0, dtype=torch.int64))]
+
+    def work(group):
+        if path == "gloo":
+            group.shared = None
+        if group.rank == 0:
+            time.sleep(2.5)  # idle past the collectives' timeout: a waiting rank must not give up
+            for command, plan in plans:  # the second is larger than a slot: gloo carries it
+                group.send_plan(command, plan)
+            return None
+        return [group.receive_plan() for _ in plans]
+
+    for received in on_ranks(3, work)[1:]:
+        assert [c for c, _ in received] == [c for c, _ in plans]
+        assert all(torch.equal(got, sent) for (_, got), (_, sent) in zip(received, plans))

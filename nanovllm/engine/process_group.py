@@ -1,5 +1,5 @@
 """The tensor-parallel ranks' collectives: NCCL on GPUs; on the CPU, shared memory for the small all-reduces and
-gathers every step makes, gloo for the rest.
+gathers every step makes, gloo for the rest; and each step's plan, from rank 0 to the others.
 
 gloo sends each all-reduce through a TCP socket and a helper thread: on a small CPU that costs about 1.7 ms a
 call (measured on 2 cores, two one-thread ranks, a 768-float tensor), and a decode step of a 12-layer model makes
@@ -8,6 +8,9 @@ one's memory: rank r writes its tensor into its slot, raises its flag to the cal
 flag has reached that number, then adds the slots in rank order (every rank gets the same bits). Two sets of
 slots, used in turn, are enough: a rank can only be one call ahead of the slowest, since a call cannot end before
 every rank has raised its flag for it, which a rank does only once it has finished reading the call before.
+
+The plan goes through rank 0's slot too (through gloo when the ranks share no memory). A rank waiting for it may
+wait as long as the engine is idle: it backs off to sleeping a millisecond at a time, and no timeout applies.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a slow rank (a long CPU prefill) at most
+IDLE = datetime.timedelta(days=3650)  # a rank waits for the next step's plan as long as the engine is idle
 SLOT_BYTES = 4 * 2**20  # a rank's slot: a decode step's activations and logits fit; a long prefill's go by gloo
 HEADER = 64  # bytes per rank before the slots: its flag (the last call it wrote) and its pid
 yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))  # macOS has no sched_yield
@@ -41,8 +45,9 @@ class ProcessGroup:
             self.pg = dist.ProcessGroupNCCL(store, rank, size)
         else:
             self.pg = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
+        self.plans = dist.ProcessGroupGloo(dist.PrefixStore("plans/", store), rank, size, IDLE)  # CPU tensors
         self.seconds = 0.0
-        self.shared = SharedSlots.open(self, store) if self.device.type == "cpu" else None
+        self.shared = SharedSlots.open(self, store)
         self.children: list = []  # rank 0's worker processes, polled while it waits (a dead one is reaped)
 
     def _wait(self, work) -> None:
@@ -72,11 +77,37 @@ class ProcessGroup:
         self._wait(self.pg.allreduce([tensor], options))
         return tensor
 
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0's tensor, on every rank. Through gloo even on the CPU: a rank waiting here for the next step's plan
-        sleeps in a socket instead of spinning on a flag while the engine is idle."""
-        self._wait(self.pg.broadcast(tensor, 0))
-        return tensor
+    def send_plan(self, command: int, plan: torch.Tensor) -> None:
+        """Rank 0: a command and an int64 plan to every other rank (receive_plan)."""
+        plan, start = plan.cpu(), time.perf_counter()
+        head = torch.tensor([command, plan.numel()])
+        if self.shared is not None:
+            fits = (plan.numel() + 3) * 8 <= SLOT_BYTES  # the slot holds the length, then [command, length, *plan]
+            self.shared.broadcast(torch.cat([head, plan]) if fits else head)
+            if not fits:
+                self.plans.broadcast(plan, 0).wait()
+        else:
+            self.plans.broadcast(head, 0).wait()
+            if plan.numel():
+                self.plans.broadcast(plan, 0).wait()
+        self.seconds += time.perf_counter() - start
+
+    def receive_plan(self) -> tuple[int, torch.Tensor]:
+        """The other ranks: rank 0's next (command, plan), the plan on this rank's device. Raises RuntimeError when
+        rank 0 has gone."""
+        if self.shared is not None:
+            message = self.shared.broadcast(None)
+            command, length = message[:2].tolist()
+            plan = message[2:] if message.numel() > 2 or not length else None
+        else:
+            head = torch.zeros(2, dtype=torch.int64)
+            self.plans.broadcast(head, 0).wait()
+            (command, length), plan = head.tolist(), None
+        if plan is None:
+            plan = torch.empty(length, dtype=torch.int64)
+            if length:
+                self.plans.broadcast(plan, 0).wait()
+        return command, plan.to(self.device)
 
     def gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0: every rank's tensor side by side along the last dimension; the others: an empty (..., 0)."""
@@ -139,19 +170,36 @@ class SharedSlots:
         self._pids[group.rank] = os.getpid()
 
     def fits(self, tensor: torch.Tensor) -> bool:
-        return tensor.numel() * tensor.element_size() <= SLOT_BYTES and tensor.is_contiguous()
+        small = tensor.numel() * tensor.element_size() <= SLOT_BYTES
+        return small and tensor.is_contiguous() and tensor.device.type == "cpu"
 
     def pids(self) -> list[int]:
         return self._pids.tolist()
 
     def _exchange(self, tensor: torch.Tensor) -> torch.Tensor:
         """Write this rank's tensor into its slot, wait for every rank's; every rank's, as (ranks, *shape)."""
-        self.calls += 1
-        nbytes, slots = tensor.numel() * tensor.element_size(), self.slots[self.calls % 2]
-        slots[self.group.rank, :nbytes].copy_(tensor.view(-1).view(torch.uint8))
-        self.flags[self.group.rank] = self.calls
-        self._wait_for(self.calls)
+        nbytes = tensor.numel() * tensor.element_size()
+        slots = self._arrive(tensor.view(-1).view(torch.uint8))
         return slots[:, :nbytes].view(tensor.dtype).view(self.group.size, *tensor.shape)  # (ranks, *shape)
+
+    def _arrive(self, data: torch.Tensor | None, idle: bool = False) -> torch.Tensor:
+        """The next call: this rank's bytes into its slot, its flag raised, every other flag waited for; the slots."""
+        self.calls += 1
+        slots = self.slots[self.calls % 2]  # (rank, bytes)
+        if data is not None:
+            slots[self.group.rank, : data.numel()].copy_(data)
+        self.flags[self.group.rank] = self.calls
+        self._wait_for(self.calls, idle)
+        return slots
+
+    def broadcast(self, message: torch.Tensor | None) -> torch.Tensor:
+        """Rank 0: send an int64 message (it fits a slot); the others (None): wait for it, however long, and
+        return a copy (the slot is written again two calls later)."""
+        if self.group.rank == 0:
+            self._arrive(torch.cat([torch.tensor([message.numel()]), message]).view(torch.uint8))
+            return message
+        slot = self._arrive(None, idle=True)[0].view(torch.int64)  # rank 0's: length, then the message
+        return slot[1 : 1 + int(slot[0])].clone()
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         torch.sum(self._exchange(tensor), dim=0, out=tensor)
@@ -160,23 +208,24 @@ class SharedSlots:
         every = self._exchange(tensor)
         return list(every) if self.group.rank == 0 else None  # read (concatenated) before the slots are reused
 
-    def _wait_for(self, call: int) -> None:
+    def _wait_for(self, call: int, idle: bool = False) -> None:
         """Spin until every flag reaches `call`, yielding the core while waiting, checking now and then that the
-        ranks behind are alive (a dead one would never raise its flag)."""
+        ranks behind are alive (a dead one would never raise its flag). idle: waiting for the next step, which
+        may be hours away: sleep longer, and never time out."""
         spins, start, check = 0, time.monotonic(), 1.0
         while int(self.flags.min()) < call:
             spins += 1
             if spins < 2000:  # about 2 ms: the other ranks are usually a few microseconds away
                 yield_core()
                 continue
-            time.sleep(50e-6)
             waited = time.monotonic() - start
+            time.sleep(1e-3 if idle and waited > 0.1 else 50e-6)
             if waited > check:
                 check += 1.0
                 gone = self.group.peers_alive()
                 if gone is not None:
                     raise RuntimeError(f"tensor-parallel {gone} while rank {self.group.rank} waited for it")
-                if waited > TIMEOUT.total_seconds():
+                if waited > TIMEOUT.total_seconds() and not idle:
                     raise RuntimeError(f"tensor-parallel rank {self.group.rank}: no word from the others in {waited} s")
 
 

@@ -8,8 +8,9 @@ number of blocks, so the block tables rank 0's block manager hands out are valid
     rank 0: schedule, lay the batch out, broadcast the plan ──► every rank: forward its shard
             (all-reduce after attention and after the MLP, in every layer) ──► rank 0 gathers the logits, samples
 
-The plan is two broadcasts: its length, then the int64 tensor (token ids, positions, slots, logit rows,
-copy-on-write pairs, block tables); `ProcessGroup.seconds` counts the time spent in collectives on rank 0.
+The plan is a command and one int64 tensor (token ids, positions, slots, logit rows, copy-on-write pairs, block
+tables), sent through shared memory on one machine (gloo across machines); `ProcessGroup.seconds` counts the time
+spent in collectives on rank 0, `TensorParallelRunner.plan_seconds` the part of it spent sending plans.
 With torchrun (several machines), every process runs the user's script; `LLMEngine(...)` on a rank other than 0
 serves steps until rank 0 shuts down, then exits (README.md, "Beyond one device", has the flags).
 """
@@ -135,7 +136,7 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, model, pool, group: ProcessGroup, workers: list, attention_backend: str, allowed):
         super().__init__(model, pool, attention_backend, allowed)
         self.group, self.workers, self.broken = group, workers, None
-        self.plan_seconds = 0.0  # of group.seconds: the plan's two broadcasts
+        self.plan_seconds = 0.0  # of group.seconds: sending the plans
 
     def forward(self, ids, layout, rows, copies) -> torch.Tensor:
         if self.broken:
@@ -151,9 +152,7 @@ class TensorParallelRunner(ModelRunner):
             raise WorkerDiedError(self.broken) from e
 
     def _send(self, command: int, plan: torch.Tensor) -> None:
-        self.group.broadcast(torch.tensor([command, plan.numel()], device=self.group.device))
-        if plan.numel():
-            self.group.broadcast(plan)
+        self.group.send_plan(command, plan)
 
     def _why(self, error: BaseException) -> str:
         """Which rank stopped first: one killed by a signal, else one that failed (the others then fail on it)."""
@@ -185,15 +184,13 @@ class TensorParallelRunner(ModelRunner):
 
 def serve(runner: ModelRunner, group: ProcessGroup) -> None:
     """A worker's loop: run each step rank 0 sends, until it says stop."""
-    header = torch.zeros(2, dtype=torch.int64, device=group.device)
     while True:
         try:
-            command, length = group.broadcast(header).tolist()
+            command, plan = group.receive_plan()
         except RuntimeError:  # rank 0 went away between steps (its process ended): nothing left to serve
             return
         if command == STOP:
             return
-        plan = group.broadcast(torch.empty(length, dtype=torch.int64, device=group.device))
         with torch.inference_mode():
             runner.forward(*decode_step(plan))
 
