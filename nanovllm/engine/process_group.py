@@ -10,7 +10,8 @@ slots, used in turn, are enough: a rank can only be one call ahead of the slowes
 every rank has raised its flag for it, which a rank does only once it has finished reading the call before.
 
 The plan goes through rank 0's slot too (through gloo when the ranks share no memory). A rank waiting for it may
-wait as long as the engine is idle: it backs off to sleeping a millisecond at a time, and no timeout applies.
+wait as long as the engine is idle, so it does not spin: it sleeps in a read from a pipe, into which rank 0 writes a
+byte once the plan is in its slot (and which ends, waking it, if rank 0's process ends). No timeout applies.
 """
 
 from __future__ import annotations
@@ -152,22 +153,35 @@ class SharedSlots:
             fd, path = tempfile.mkstemp(prefix="nanovllm-tp-", dir=folder)
             os.ftruncate(fd, size)
             os.close(fd)
+            for rank in range(1, group.size):
+                os.mkfifo(f"{path}.wake{rank}")
             store.set("shared", path)
         path = store.get("shared").decode()
         with open(path, "r+b") as f:
             buffer = mmap.mmap(f.fileno(), size)
-        group.pg.barrier().wait()  # every rank has mapped it: the name can go, the memory stays while mapped
+        # the wake-up pipes: opened for reading first (without blocking), then for writing by rank 0
+        wake = [] if group.rank == 0 else [os.open(f"{path}.wake{group.rank}", os.O_RDONLY | os.O_NONBLOCK)]
+        group.pg.barrier().wait()
         if group.rank == 0:
-            os.unlink(path)
-        return SharedSlots(group, buffer)
+            wake = [os.open(f"{path}.wake{rank}", os.O_WRONLY) for rank in range(1, group.size)]
+            for name in [path] + [f"{path}.wake{rank}" for rank in range(1, group.size)]:
+                os.unlink(name)  # what is open or mapped stays, and nothing is left behind if a rank crashes
+        group.pg.barrier().wait()  # rank 0 holds the pipes' write ends: a read from now on waits for a byte
+        for fd in wake:
+            os.set_blocking(fd, True)
+        return SharedSlots(group, buffer, wake)
 
-    def __init__(self, group: ProcessGroup, buffer: mmap.mmap):
-        self.group, self.buffer, self.calls = group, buffer, 0
+    def __init__(self, group: ProcessGroup, buffer: mmap.mmap, wake: list[int]):
+        self.group, self.buffer, self.calls, self.wake = group, buffer, 0, wake
         raw = torch.frombuffer(buffer, dtype=torch.uint8)
         header = raw[: group.size * HEADER].view(torch.int64).view(group.size, HEADER // 8)  # (ranks, 8)
         self.flags, self._pids = header[:, 0], header[:, 1]
         self.slots = raw[group.size * HEADER :].view(2, group.size, SLOT_BYTES)  # (set, rank, bytes)
         self._pids[group.rank] = os.getpid()
+
+    def __del__(self):
+        for fd in getattr(self, "wake", []):
+            os.close(fd)
 
     def fits(self, tensor: torch.Tensor) -> bool:
         small = tensor.numel() * tensor.element_size() <= SLOT_BYTES
@@ -182,23 +196,32 @@ class SharedSlots:
         slots = self._arrive(tensor.view(-1).view(torch.uint8))
         return slots[:, :nbytes].view(tensor.dtype).view(self.group.size, *tensor.shape)  # (ranks, *shape)
 
-    def _arrive(self, data: torch.Tensor | None, idle: bool = False) -> torch.Tensor:
+    def _arrive(self, data: torch.Tensor | None) -> torch.Tensor:
         """The next call: this rank's bytes into its slot, its flag raised, every other flag waited for; the slots."""
+        self._raise_flag(data)
+        self._wait_for(self.calls)
+        return self.slots[self.calls % 2]
+
+    def _raise_flag(self, data: torch.Tensor | None) -> None:
         self.calls += 1
-        slots = self.slots[self.calls % 2]  # (rank, bytes)
         if data is not None:
-            slots[self.group.rank, : data.numel()].copy_(data)
+            self.slots[self.calls % 2, self.group.rank, : data.numel()].copy_(data)
         self.flags[self.group.rank] = self.calls
-        self._wait_for(self.calls, idle)
-        return slots
 
     def broadcast(self, message: torch.Tensor | None) -> torch.Tensor:
-        """Rank 0: send an int64 message (it fits a slot); the others (None): wait for it, however long, and
-        return a copy (the slot is written again two calls later)."""
+        """Rank 0: send an int64 message (it fits a slot), and wake the others. The others (None): sleep until
+        woken, however long the engine stays idle, and return a copy (the slot is written again two calls later).
+        A wait between steps must not spin: a worker would burn a core for as long as nobody sends a request."""
         if self.group.rank == 0:
             self._arrive(torch.cat([torch.tensor([message.numel()]), message]).view(torch.uint8))
+            for fd in self.wake:
+                os.write(fd, b"\1")
             return message
-        slot = self._arrive(None, idle=True)[0].view(torch.int64)  # rank 0's: length, then the message
+        self._raise_flag(None)
+        if not os.read(self.wake[0], 1):  # end of file: rank 0's process has gone
+            raise RuntimeError("tensor-parallel rank 0 is gone")
+        self._wait_for(self.calls)  # rank 0 raised its flag before it woke us: no wait
+        slot = self.slots[self.calls % 2, 0].view(torch.int64)  # rank 0's: length, then the message
         return slot[1 : 1 + int(slot[0])].clone()
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
@@ -208,24 +231,23 @@ class SharedSlots:
         every = self._exchange(tensor)
         return list(every) if self.group.rank == 0 else None  # read (concatenated) before the slots are reused
 
-    def _wait_for(self, call: int, idle: bool = False) -> None:
+    def _wait_for(self, call: int) -> None:
         """Spin until every flag reaches `call`, yielding the core while waiting, checking now and then that the
-        ranks behind are alive (a dead one would never raise its flag). idle: waiting for the next step, which
-        may be hours away: sleep longer, and never time out."""
+        ranks behind are alive (a dead one would never raise its flag)."""
         spins, start, check = 0, time.monotonic(), 1.0
         while int(self.flags.min()) < call:
             spins += 1
             if spins < 2000:  # about 2 ms: the other ranks are usually a few microseconds away
                 yield_core()
                 continue
+            time.sleep(50e-6)
             waited = time.monotonic() - start
-            time.sleep(1e-3 if idle and waited > 0.1 else 50e-6)
             if waited > check:
                 check += 1.0
                 gone = self.group.peers_alive()
                 if gone is not None:
                     raise RuntimeError(f"tensor-parallel {gone} while rank {self.group.rank} waited for it")
-                if waited > TIMEOUT.total_seconds() and not idle:
+                if waited > TIMEOUT.total_seconds():
                     raise RuntimeError(f"tensor-parallel rank {self.group.rank}: no word from the others in {waited} s")
 
 
