@@ -18,7 +18,7 @@ import torch
 from conftest import FAMILIES, ROOT, TINY_MODELS
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
-from nanovllm.engine.tensor_parallel import WorkerDiedError, decode_step, encode_step
+from nanovllm.engine.tensor_parallel import WorkerDiedError, decode_step, encode_step, threads_per_rank
 from nanovllm.layers.paged_attention import PrefillChunk, StepLayout
 from nanovllm.models.sharding import shard_config, shard_tensor
 from nanovllm.utils import loader
@@ -192,6 +192,22 @@ def test_fewer_kv_heads_than_ranks_replicates_the_one_each_rank_reads():
     heads = [int(shard_tensor("l.0.k_proj.weight", k, cfg, r, 4)[0, 0]) // cfg.head_dim for r in range(4)]
     assert heads == [0, 0, 1, 1]  # query head r reads KV head r // 2
     assert shard_config(cfg, 4).num_kv_heads == 1
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    torch.set_num_threads(4)
+    assert [threads_per_rank(n, "cpu") for n in (1, 2, 4, 8)] == [4, 2, 1, 1]
+    assert threads_per_rank(2, "cuda:0") == 4  # a GPU rank's threads only launch kernels
+    seen = []
+    with LLM(str(TINY_MODELS / "tiny-llama"), tensor_parallel_size=2, kv_cache_memory=2**22) as llm:
+        llm.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        llm.generate(["Once upon a time"], GREEDY)
+    assert seen and set(seen) == {2}  # rank 0 steps with its share, as the worker does
+    assert torch.get_num_threads() == 4  # and the process keeps its own count (another engine may run in it)
+    torch.set_num_threads(1)
+    assert threads_per_rank(2, "cpu") == 1
 
 
 def test_a_model_that_cannot_be_split_so_is_refused():

@@ -21,7 +21,13 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.tensor_parallel import ShardSpec, TensorParallelRunner, build_shard, effective_max_model_len
+from nanovllm.engine.tensor_parallel import (
+    ShardSpec,
+    TensorParallelRunner,
+    build_shard,
+    effective_max_model_len,
+    threads_per_rank,
+)
 from nanovllm.engine.tensor_parallel import start as start_tensor_parallel
 from nanovllm.layers.paged_attention import BACKENDS
 from nanovllm.layers.quantization import weight_bytes
@@ -109,7 +115,7 @@ class LLMEngine:
         pool = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
         pool["gpu_memory_utilization"] = gpu_memory_utilization
         spec = ShardSpec(model, load, linear_kernel, pool, attention_backend, self.attention_backends)
-        spec.threads = torch.get_num_threads()
+        spec.threads = threads_per_rank(tensor_parallel_size, device)  # on the CPU the ranks share the cores
         self.tensor_parallel = start_tensor_parallel(tensor_parallel_size, spec) if tensor_parallel_size > 1 else None
         try:
             loaded, self.linear_kernel, self.pool = build_shard(spec, self.tensor_parallel and self.tensor_parallel[0])
@@ -133,7 +139,7 @@ class LLMEngine:
             group, workers = self.tensor_parallel
             group.seconds = 0.0  # from here on: the steps' collectives, not the start's
             self.runner = TensorParallelRunner(
-                self.model, self.pool, group, workers, attention_backend, self.attention_backends
+                self.model, self.pool, group, workers, attention_backend, self.attention_backends, spec.threads
             )
             # the workers stop with this process if nobody called shutdown() (a weak reference: the engine can go)
             atexit.register(_shutdown_at_exit, weakref.ref(self.runner))

@@ -1,13 +1,14 @@
 """The tensor-parallel ranks' collectives: NCCL on GPUs; on the CPU, shared memory for the small all-reduces and
 gathers every step makes, gloo for the rest; and each step's plan, from rank 0 to the others.
 
-gloo sends each all-reduce through a TCP socket and a helper thread: on a small CPU that costs about 1.7 ms a
-call (measured on 2 cores, two one-thread ranks, a 768-float tensor), and a decode step of a 12-layer model makes
-25 of them, more than the step's own arithmetic. Ranks on one machine can instead meet in a file mapped into every
-one's memory: rank r writes its tensor into its slot, raises its flag to the call's number, waits until every
-flag has reached that number, then adds the slots in rank order (every rank gets the same bits). Two sets of
-slots, used in turn, are enough: a rank can only be one call ahead of the slowest, since a call cannot end before
-every rank has raised its flag for it, which a rank does only once it has finished reading the call before.
+gloo sends each all-reduce through a TCP socket and a helper thread: on a small CPU that costs over a millisecond a
+call (1.36 ms on 2 cores, two one-thread ranks, a 768-float tensor: `python -m benchmarks.allreduce`), and a decode
+step of a 12-layer model makes 25 of them, as much time as the step's own arithmetic. Ranks on one machine can
+instead meet in a file mapped into every one's memory: rank r writes its tensor into its slot, raises its flag to
+the call's number, waits until every flag has reached that number, then adds the slots in rank order (every rank
+gets the same bits). Two sets of slots, used in turn, are enough: a rank can only be one call ahead of the slowest,
+since a call cannot end before every rank has raised its flag for it, which a rank does only once it has finished
+reading the call before.
 
 The plan goes through rank 0's slot too (through gloo when the ranks share no memory). A rank waiting for it may
 wait as long as the engine is idle, so it does not spin: it sleeps in a read from a pipe, into which rank 0 writes a
@@ -46,7 +47,8 @@ class ProcessGroup:
             self.pg = dist.ProcessGroupNCCL(store, rank, size)
         else:
             self.pg = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
-        self.plans = dist.ProcessGroupGloo(dist.PrefixStore("plans/", store), rank, size, IDLE)  # CPU tensors
+        # CPU tensors, no timeout: the plans where the ranks share no memory, and the barriers while starting
+        self.plans = dist.ProcessGroupGloo(dist.PrefixStore("plans/", store), rank, size, IDLE)
         self.seconds = 0.0
         self.shared = SharedSlots.open(self, store)
         self.children: list = []  # rank 0's worker processes, polled while it waits (a dead one is reaped)
@@ -161,12 +163,12 @@ class SharedSlots:
             buffer = mmap.mmap(f.fileno(), size)
         # the wake-up pipes: opened for reading first (without blocking), then for writing by rank 0
         wake = [] if group.rank == 0 else [os.open(f"{path}.wake{group.rank}", os.O_RDONLY | os.O_NONBLOCK)]
-        group.pg.barrier().wait()
+        group.plans.barrier().wait()
         if group.rank == 0:
             wake = [os.open(f"{path}.wake{rank}", os.O_WRONLY) for rank in range(1, group.size)]
             for name in [path] + [f"{path}.wake{rank}" for rank in range(1, group.size)]:
                 os.unlink(name)  # what is open or mapped stays, and nothing is left behind if a rank crashes
-        group.pg.barrier().wait()  # rank 0 holds the pipes' write ends: a read from now on waits for a byte
+        group.plans.barrier().wait()  # rank 0 holds the pipes' write ends: a read from now on waits for a byte
         for fd in wake:
             os.set_blocking(fd, True)
         return SharedSlots(group, buffer, wake)

@@ -91,6 +91,17 @@ def effective_max_model_len(config: ModelConfig, asked: int | None) -> int:
     return min(asked or config.max_model_len, config.max_model_len)
 
 
+def threads_per_rank(size: int, device: str) -> int:
+    """Threads each CPU rank computes with: this process's torch threads, but no more than the cores this process may
+    run on divided among the ranks (two ranks of 2 threads each on 2 cores would fight for them, and a rank waiting
+    at an all-reduce for a descheduled peer makes every step slower)."""
+    threads = torch.get_num_threads()
+    if not str(device).startswith("cpu"):  # GPUs (or a device the loader is about to refuse, in words)
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(threads, cores // size))
+
+
 def encode_step(ids: torch.Tensor, layout: StepLayout, rows: list[int], copies: list[tuple[int, int]]) -> torch.Tensor:
     """One step's plan as an int64 tensor: a header of counts, the rows' ids, positions and slots, then the
     logit rows, copy-on-write pairs, decode block tables and prefill chunks, each table preceded by its length."""
@@ -133,9 +144,10 @@ class TensorParallelRunner(ModelRunner):
         if getattr(self, "workers", None):
             self.shutdown()
 
-    def __init__(self, model, pool, group: ProcessGroup, workers: list, attention_backend: str, allowed):
+    def __init__(self, model, pool, group: ProcessGroup, workers: list, attention_backend: str, allowed, threads=1):
         super().__init__(model, pool, attention_backend, allowed)
         self.group, self.workers, self.broken = group, workers, None
+        self.threads = threads  # rank 0's share of the cores, for its steps only: the process keeps its own count
         self.plan_seconds = 0.0  # of group.seconds: sending the plans
 
     def forward(self, ids, layout, rows, copies) -> torch.Tensor:
@@ -145,11 +157,21 @@ class TensorParallelRunner(ModelRunner):
             start = time.perf_counter()
             self._send(STEP, encode_step(ids, layout, rows, copies))
             self.plan_seconds += time.perf_counter() - start
-            return super().forward(ids, layout, rows, copies)
+            return self._forward_with_share(ids, layout, rows, copies)
         except BaseException as e:  # the ranks are out of step now: nothing can be run again
             self.broken = self._why(e)
             self.shutdown(send_stop=False)
             raise WorkerDiedError(self.broken) from e
+
+    def _forward_with_share(self, ids, layout, rows, copies) -> torch.Tensor:
+        process_threads = torch.get_num_threads()
+        if process_threads == self.threads:
+            return super().forward(ids, layout, rows, copies)
+        torch.set_num_threads(self.threads)
+        try:
+            return super().forward(ids, layout, rows, copies)
+        finally:
+            torch.set_num_threads(process_threads)
 
     def _send(self, command: int, plan: torch.Tensor) -> None:
         self.group.send_plan(command, plan)
