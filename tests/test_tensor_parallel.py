@@ -18,6 +18,7 @@ import torch
 from conftest import FAMILIES, ROOT, TINY_MODELS
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
+from nanovllm.engine import llm_engine
 from nanovllm.engine.tensor_parallel import WorkerDiedError, decode_step, encode_step, threads_per_rank
 from nanovllm.layers.paged_attention import PrefillChunk, StepLayout
 from nanovllm.models.sharding import shard_config, shard_tensor
@@ -210,9 +211,15 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
     assert threads_per_rank(2, "cpu") == 1
 
 
-def test_a_model_that_cannot_be_split_so_is_refused():
+def test_a_model_that_cannot_be_split_so_is_refused(monkeypatch):
+    def no_workers(*args):
+        raise AssertionError("workers were started for a model that was going to be refused")
+
+    monkeypatch.setattr(llm_engine, "start_tensor_parallel", no_workers)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3.*(divide|KV heads)"):
         LLM(str(TINY_MODELS / "tiny-llama"), tensor_parallel_size=3, kv_cache_memory=2**22)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        LLM(str(TINY_MODELS / "no-such-model"), tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size must be"):
         LLM(str(TINY_MODELS / "tiny-llama"), tensor_parallel_size=0)
 

@@ -33,6 +33,7 @@ from nanovllm.layers.paged_attention import BACKENDS
 from nanovllm.layers.quantization import weight_bytes
 from nanovllm.layers.sampler import SamplingBatch, sample
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.loader import check_splits
 
 
 @dataclass
@@ -116,6 +117,8 @@ class LLMEngine:
         pool["gpu_memory_utilization"] = gpu_memory_utilization
         spec = ShardSpec(model, load, linear_kernel, pool, attention_backend, self.attention_backends)
         spec.threads = threads_per_rank(tensor_parallel_size, device)  # on the CPU the ranks share the cores
+        if tensor_parallel_size > 1:
+            check_splits(model, tensor_parallel_size)  # a missing or unsplittable model: no worker is started for it
         self.tensor_parallel = start_tensor_parallel(tensor_parallel_size, spec) if tensor_parallel_size > 1 else None
         try:
             loaded, self.linear_kernel, self.pool = build_shard(spec, self.tensor_parallel and self.tensor_parallel[0])

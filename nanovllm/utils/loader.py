@@ -159,6 +159,25 @@ def parse_quantization(quantization: str | None) -> tuple[str | None, int]:
     return scheme, int(group or 32)
 
 
+def model_path(model: str | os.PathLike) -> Path:
+    """The file or folder a model argument names (a short name, a folder, a checkpoint), or a clear error."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path or a short name such as 'default', got {model!r}")
+    path = SHORT_NAMES.get(str(model), Path(model))
+    if not path.exists():
+        hint = " (short names: " + ", ".join(SHORT_NAMES) + ")"
+        raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder{hint}")
+    return path
+
+
+def check_splits(model: str | os.PathLike, size: int) -> None:
+    """Refuse, before any tensor-parallel worker starts, a model that is not there or cannot be split `size` ways
+    (a Hugging Face folder's config says; a llama2.c checkpoint is checked as it loads)."""
+    path = model_path(model)
+    if path.is_dir() and find_llama2c(path) is None:
+        shard_config(ModelConfig.from_folder(path), size)
+
+
 def load_model(
     model: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -177,12 +196,7 @@ def load_model(
     (models/sharding.py); `config` stays the whole model's.
     """
     scheme, group_size = parse_quantization(quantization)
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a path or a short name such as 'default', got {model!r}")
-    path = SHORT_NAMES.get(str(model), Path(model))
-    if not path.exists():
-        hint = " (short names: " + ", ".join(SHORT_NAMES) + ")"
-        raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder{hint}")
+    path = model_path(model)
     torch_dtype = resolve_dtype(dtype)
     check_device(device)
     rank, size = (tensor_parallel.rank, tensor_parallel.size) if tensor_parallel is not None else (0, 1)
