@@ -85,8 +85,9 @@ class ProcessGroup:
         plan, start = plan.cpu(), time.perf_counter()
         head = torch.tensor([command, plan.numel()])
         if self.shared is not None:
-            fits = (plan.numel() + 3) * 8 <= SLOT_BYTES  # the slot holds the length, then [command, length, *plan]
-            self.shared.broadcast(torch.cat([head, plan]) if fits else head)
+            message = torch.cat([head, plan])
+            fits = self.shared.can_broadcast(message)
+            self.shared.broadcast(message if fits else head)
             if not fits:
                 self.plans.broadcast(plan, 0).wait()
         else:
@@ -209,6 +210,9 @@ class SharedSlots:
         if data is not None:
             self.slots[self.calls % 2, self.group.rank, : data.numel()].copy_(data)
         self.flags[self.group.rank] = self.calls
+
+    def can_broadcast(self, message: torch.Tensor) -> bool:
+        return (1 + message.numel()) * 8 <= SLOT_BYTES  # the slot holds the length, then the message
 
     def broadcast(self, message: torch.Tensor | None) -> torch.Tensor:
         """Rank 0: send an int64 message (it fits a slot), and wake the others. The others (None): sleep until
