@@ -34,8 +34,10 @@ from nanovllm.config import ModelConfig
 from nanovllm.engine.kv_cache import KVPool, pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.process_group import ProcessGroup
+from nanovllm.kernels.cpu import LINEAR_KERNEL_MAX_ROWS
 from nanovllm.layers.linear import use_linear_kernel_
 from nanovllm.layers.paged_attention import PrefillChunk, StepLayout
+from nanovllm.models.fused import use_decode_kernels_
 from nanovllm.models.sharding import shard_config
 from nanovllm.utils.loader import LoadedModel, load_model
 
@@ -65,6 +67,8 @@ def build_shard(spec: ShardSpec, group: ProcessGroup | None) -> tuple[LoadedMode
     other rank's (the smallest any rank could hold)."""
     loaded = load_model(spec.model, **spec.load, tensor_parallel=group)
     linear_kernel = use_linear_kernel_(loaded.model, spec.linear_kernel, spec.load["device"])
+    # chapter 6's C kernels for the small operations go with its C matmuls (both: the fixed cost of a decode step)
+    use_decode_kernels_(loaded.model, linear_kernel == "c", LINEAR_KERNEL_MAX_ROWS)
     size = group.size if group is not None else 1
     dtype = loaded.model.model.embed_tokens.weight.dtype  # the activations' dtype (a quantized lm_head has none)
     max_model_len = effective_max_model_len(loaded.config, spec.pool["max_model_len"])

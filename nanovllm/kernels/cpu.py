@@ -34,6 +34,11 @@ LIBRARIES = {
         "quant_linear_isa": (ctypes.c_char_p, []),
     },
     "linear_cpu": {"fp32_linear": (_I, [_P] * 4 + [_I] * 4), "dense_linear_lanes": (_I, [])},
+    "decode_ops_cpu": {
+        "rms_norm": (None, [_P] * 3 + [_I] * 2 + [_F]),
+        "rotary": (None, [_P] * 3 + [_I] * 4 + [ctypes.c_int64]),
+        "silu_mul": (None, [_P] * 2 + [_I] * 2),
+    },
 }
 # tried in order, the first that compiles is used: not every compiler knows -march=native or OpenMP (macOS's clang)
 FLAG_SETS = (

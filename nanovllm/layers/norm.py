@@ -27,7 +27,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class RMSNorm(nn.Module):
     """plus_one (Gemma): the scale is 1 + weight, and the whole norm runs in float32 before the cast back, as
-    transformers' Gemma does it (Llama casts before the weight)."""
+    transformers' Gemma does it (Llama casts before the weight).
+
+    Chapter 6: `use_decode_kernels_` (nanovllm/models/fused.py) may give it a C kernel for decode-sized float32
+    inputs on a CPU: one call where rms_norm above is six operators, each with its own fixed cost.
+    """
+
+    kernel = None  # fn(x, weight, eps) -> y, used for contiguous float32 inputs of up to kernel_max_numel values
+    kernel_max_numel = -1
 
     def __init__(self, dim: int, eps: float = 1e-6, plus_one: bool = False):
         super().__init__()
@@ -35,6 +42,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.kernel_max_numel and x.dtype == torch.float32 and x.is_contiguous():
+            return self.kernel(x, self.weight, self.eps)
         if self.plus_one:
             return rms_norm(x.float(), 1.0 + self.weight.float(), self.eps).to(x.dtype)
         return rms_norm(x, self.weight, self.eps)

@@ -14,6 +14,7 @@ from torch import nn
 from nanovllm.layers.activation import gated_activation
 from nanovllm.layers.attention import AttentionBackend
 from nanovllm.layers.linear import Linear
+from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import apply_partial_rotary
 from nanovllm.models.llama import MLP, DecoderForCausalLM, SelfAttention
 
@@ -63,12 +64,21 @@ class FusedSelfAttention(nn.Module):
         if attn.qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
 
+    rotary_kernel = None  # use_decode_kernels_: fn(qkv, cos, sin, heads, head_dim) rotating q and k in place
+    kernel_max_numel = -1
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend):
         B, T, _ = x.shape
-        q, k, v = split_qkv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) D)
+        if qkv.numel() <= self.kernel_max_numel and qkv.is_contiguous() and cos.is_contiguous():
+            # q's heads and k's lie side by side at the start of each row: one C call turns both, in place
+            self.rotary_kernel(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         out = attn(self.layer_idx, q, k, v) if self.spec is None else attn(self.layer_idx, q, k, v, self.spec)
         return self.o_proj(out.reshape(B, T, -1))  # (B, T, E)
 
@@ -82,8 +92,14 @@ class FusedMLP(nn.Module):
         self.down_proj = mlp.down_proj
         self.hidden_act = mlp.hidden_act
 
+    silu_kernel = None  # use_decode_kernels_: fn(gate_up) -> silu(gate) * up
+    kernel_max_numel = -1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., F) each
+        gate_up = self.gate_up_proj(x)  # (..., 2F)
+        if gate_up.numel() <= self.kernel_max_numel and gate_up.is_contiguous():
+            return self.down_proj(self.silu_kernel(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (..., F) each
         return self.down_proj(gated_activation(self.hidden_act, gate, up))
 
 
@@ -101,3 +117,28 @@ def fuse_projections_(model: DecoderForCausalLM) -> DecoderForCausalLM:
             if layer.mlp.shared_expert is not None:
                 layer.mlp.shared_expert = FusedMLP(layer.mlp.shared_expert)
     return model
+
+
+def use_decode_kernels_(model: nn.Module, enabled: bool, max_rows: int) -> bool:
+    """Give the model's RMSNorms, fused attentions and fused SwiGLU MLPs the C kernels of a decode step's small
+    operations (nanovllm/kernels/decode_ops.py) for up to max_rows tokens, or take them away (enabled=False).
+
+    Only where they compute what the PyTorch forms do: float32 on the CPU (checked again at each call, on the
+    activations), Llama's norm order (not Gemma's 1 + weight), no per-head q/k norm before the rotary (Qwen3),
+    SwiGLU (not GeGLU). Returns whether the kernels are in use (False too where they cannot be built).
+    """
+    from nanovllm.kernels import decode_ops  # imported here: building the kernels is the engine's choice
+
+    weight = next(model.parameters(), None)
+    enabled = enabled and weight is not None and weight.device.type == "cpu"
+    enabled = enabled and decode_ops.decode_ops_unavailable() is None
+    for m in model.modules():
+        if isinstance(m, RMSNorm) and not m.plus_one and m.weight.dtype == torch.float32:
+            m.kernel, m.kernel_max_numel = (decode_ops.rms_norm, max_rows * m.weight.numel()) if enabled else (None, -1)
+        elif isinstance(m, FusedSelfAttention) and not m.qk_norm:
+            width = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+            m.rotary_kernel, m.kernel_max_numel = (decode_ops.rotary_, max_rows * width) if enabled else (None, -1)
+        elif isinstance(m, FusedMLP) and m.hidden_act == "silu":
+            width = m.gate_up_proj.out_features
+            m.silu_kernel, m.kernel_max_numel = (decode_ops.silu_mul, max_rows * width) if enabled else (None, -1)
+    return enabled
