@@ -37,6 +37,7 @@ from nanovllm.engine.process_group import ProcessGroup
 from nanovllm.kernels.cpu import LINEAR_KERNEL_MAX_ROWS
 from nanovllm.layers.linear import use_linear_kernel_
 from nanovllm.layers.paged_attention import PrefillChunk, StepLayout
+from nanovllm.models.decode_step import decode_step_rows, use_decode_step_
 from nanovllm.models.fused import use_decode_kernels_
 from nanovllm.models.sharding import shard_config
 from nanovllm.utils.loader import LoadedModel, load_model
@@ -87,6 +88,8 @@ def build_shard(spec: ShardSpec, group: ProcessGroup | None) -> tuple[LoadedMode
         if blocks < pool.num_blocks:
             k = pool.k
             pool = KVPool(k.shape[0], blocks, pool.block_size, k.shape[3], k.shape[4], k.dtype, k.device)
+    # chapter 6's replay of a whole decode step in C, for one process (a rank's layers all-reduce between them)
+    use_decode_step_(loaded.model, pool, linear_kernel == "c" and group is None, decode_step_rows(loaded.model))
     return loaded, linear_kernel, pool
 
 

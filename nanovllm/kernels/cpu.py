@@ -38,6 +38,7 @@ LIBRARIES = {
         "rms_norm": (None, [_P] * 3 + [_I] * 2 + [_F]),
         "rotary": (None, [_P] * 3 + [_I] * 4 + [ctypes.c_int64]),
         "silu_mul": (None, [_P] * 2 + [_I] * 2),
+        "decode_layers": (_I, [_P] * 8 + [_I] * 3),
     },
 }
 # tried in order, the first that compiles is used: not every compiler knows -march=native or OpenMP (macOS's clang)

@@ -129,6 +129,8 @@ def use_decode_kernels_(model: nn.Module, enabled: bool, max_rows: int) -> bool:
     """
     from nanovllm.kernels import decode_ops  # imported here: building the kernels is the engine's choice
 
+    if not enabled and getattr(model, "decode_plan", None) is not None:
+        model.decode_plan = None  # the replayed step calls the same kernels: it goes with them
     weight = next(model.parameters(), None)
     enabled = enabled and weight is not None and weight.device.type == "cpu"
     enabled = enabled and decode_ops.decode_ops_unavailable() is None

@@ -138,6 +138,8 @@ class CausalLMHead(nn.Module):
 class DecoderForCausalLM(CausalLMHead):
     """token ids -> hidden states -> logits. The KV storage is the `attn` backend's business."""
 
+    decode_plan = None  # chapter 6 on a CPU (models/decode_step.py): replays a decode-only step's layers in C
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, DecoderModel(cfg))
         inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -158,8 +160,11 @@ class DecoderForCausalLM(CausalLMHead):
         if self.config.scale_embeddings:  # Gemma: by sqrt(hidden) rounded to the model's dtype, as transformers does
             x = x * float(torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype))  # a Python number: graph-safe
         cos, sin = self.rope(positions, x.dtype)  # (B, T, rotary_dim) each
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
+        if self.decode_plan is not None and self.decode_plan.covers(x, attn):  # chapter 6: all layers, one C call
+            x = self.decode_plan(x, cos, sin, attn)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, attn)
         return self.model.norm(x)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
