@@ -24,9 +24,10 @@ start of the next, into four parts that add up to the step time:
 Beside them, the same steps timed with one hook per step instead of one per module ("step ms, no hooks") say what
 the module hooks themselves cost. Chapter 6 on a CPU replays a decode step's layers in one C call
 (nanovllm/models/decode_step.py), which has no modules to time: the timed run takes the module path, and "step ms,
-no hooks" is the replayed step, so the difference also says what the replay saves. `--clock cpu` times everything in this thread's CPU time instead of wall time: on a
-shared machine at `--threads 1` it leaves out the time other programs held the core, and it cannot see waiting (a
-sleep, another thread's work).
+no hooks" is the replayed step, so the difference also says what the replay saves.
+
+`--clock cpu` times everything in this thread's CPU time instead of wall time: on a shared machine at `--threads 1`
+it leaves out the time other programs held the core, and it cannot see waiting (a sleep, another thread's work).
 """
 
 from __future__ import annotations
