@@ -10,9 +10,10 @@ from torch import nn
 from nanovllm.layers.activation import gated_activation
 from nanovllm.layers.attention import AttentionBackend
 from nanovllm.layers.linear import Linear
+from nanovllm.layers.norm import RMSNorm
 from nanovllm.layers.rotary import apply_partial_rotary
 from nanovllm.models.llama import MLP, DecoderForCausalLM, SelfAttention
-from nanovllm.models.fused import fused_linear, FusedSelfAttention, FusedMLP, fuse_projections_  # the rest of the file, as given
+from nanovllm.models.fused import fused_linear, FusedSelfAttention, FusedMLP, fuse_projections_, use_decode_kernels_  # the rest of the file, as given
 
 
 def split_qkv(
