@@ -107,6 +107,7 @@ def test_a_decode_step_calls_them_and_a_prefill_does_not(monkeypatch):
     from nanovllm.models.fused import use_decode_kernels_
 
     llm = LLM(str(TINY_MODELS / "tiny-llama"), block_size=4)
+    llm.model.decode_plan = None  # the module path (a replayed step calls them from C: tests/test_decode_step.py)
     calls = {"rms_norm": [], "rotary": [], "silu_mul": []}
     library = decode_ops._library()
 

@@ -74,6 +74,7 @@ class FusedSelfAttention(nn.Module):
             # q's heads and k's lie side by side at the start of each row: one C call turns both, in place
             self.rotary_kernel(qkv, cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
             q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+            q, k = q.contiguous(), k.contiguous()  # as the rotary's new tensors were: some backends need it
         else:
             q, k, v = split_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
             if self.qk_norm:
