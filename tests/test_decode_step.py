@@ -105,3 +105,22 @@ def test_a_slot_out_of_the_pool_is_an_error_not_a_write(monkeypatch):
     assert plan is not None
     with pytest.raises(IndexError, match="out of range"):
         llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+
+
+def test_a_hook_on_a_layer_gets_the_module_path(monkeypatch):
+    """A forward hook must see its module run: while one is on any module of a layer, decode steps are not
+    replayed (and the tokens are the same)."""
+    from nanovllm import LLM
+
+    llm = LLM(str(TINY_MODELS / "tiny-llama"), block_size=4)
+    replayed = checked_replays(monkeypatch, llm)
+    params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
+    want = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0]["token_ids"]
+    assert replayed == [1] * 4
+    seen = []
+    handle = llm.model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(1))
+    try:
+        got = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0]["token_ids"]
+    finally:
+        handle.remove()
+    assert got == want and len(seen) == 5 and replayed == [1] * 4  # every step ran the module: none was replayed

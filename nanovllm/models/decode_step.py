@@ -9,7 +9,8 @@ step in C: the same kernels on the same values in the same order, so the hidden 
 bit (tests/test_decode_step.py checks it), and a step costs one call instead of a dozen a layer.
 
 Only a plain decode-only step goes this way: float32 on the CPU, the C attention backend, Llama's layer (pre-norms
-in Llama's order, fused q/k/v and gate/up, SwiGLU, no q/k norms), every linear on a C kernel, one process.
+in Llama's order, fused q/k/v and gate/up, SwiGLU, no q/k norms), every linear on a C kernel, one process, and no
+forward hook on a layer (a hook must see its module run).
 Everything else (prefill chunks, Gemma, Qwen3, mixtures of experts, tensor parallelism) keeps the module path.
 """
 
@@ -109,6 +110,14 @@ class DecodeStepPlan:
             cfg.rotary_dim, pool.block_size, pool.k.shape[1], layers[0].input_layernorm.eps,
         )  # fmt: skip
         self.run = decode_ops._library().decode_layers
+        self.watched = [m for layer in layers for m in layer.modules()]  # whose hooks ask for the module path
+
+    def hooked(self) -> bool:
+        """Whether a forward hook is on a layer or any of its modules (or on every module): a hook must see its
+        module run, so such a step takes the module path (a profiler's, a test's injected fault, a breakdown's)."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.watched)
 
     def covers(self, x: torch.Tensor, attn) -> bool:
         """Whether this step is one the plan replays: decodes only, few enough, float32, through this pool."""
@@ -121,6 +130,7 @@ class DecodeStepPlan:
             and x.dtype == torch.float32
             and attn.store_rows is None
             and attn.layout.slots.dtype == torch.int64
+            and not self.hooked()
         )
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn) -> torch.Tensor:
