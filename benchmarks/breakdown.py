@@ -23,8 +23,9 @@ start of the next, into four parts that add up to the step time:
 
 Beside them, the same steps timed with one hook per step instead of one per module ("step ms, no hooks") say what
 the module hooks themselves cost. Chapter 6 on a CPU replays a decode step's layers in one C call
-(nanovllm/models/decode_step.py), which has no modules to time: the timed run takes the module path, and "step ms,
-no hooks" is the replayed step, so the difference also says what the replay saves.
+(nanovllm/models/decode_step.py), which has no modules to time; a step with hooks on its layers is never replayed,
+so the timed run takes the module path, and "step ms, no hooks" is the replayed step: the difference also says what
+the replay saves.
 
 `--clock cpu` times everything in this thread's CPU time instead of wall time: on a shared machine at `--threads 1`
 it leaves out the time other programs held the core, and it cannot see waiting (a sleep, another thread's work).
@@ -133,17 +134,10 @@ def breakdown(engine: Any, requests: list, clock: Callable[[], float] = time.per
     """Run the workload once through a chapter engine; seconds per part, forward passes and wall time (by `clock`),
     and the decode steps (one token a pass) with the seconds of each part in them."""
     model = engine.llm.model
-    plan = model.__dict__.get("decode_plan")  # chapter 6's replay of a step in C has no modules to time
-    if plan is not None:
-        model.decode_plan = None  # so this run takes the module path
-    timer = PartTimer(model, clock)
+    timer = PartTimer(model, clock)  # its hooks on the layers' modules keep chapter 6's replayed step off
     steps = StepClock(model, timer, clock)
     start = clock()
-    try:
-        result = engine.run(requests)
-    finally:
-        if plan is not None:
-            model.decode_plan = plan
+    result = engine.run(requests)
     wall = result.wall_s if clock is time.perf_counter else clock() - start
     steps.remove()
     timer.remove()

@@ -92,7 +92,7 @@ class DecodeStepPlan:
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             for name, m in zip(("qkv", "o", "gate_up", "down"), projections):
                 described = _linear(m)
-                assert not isinstance(described, str)  # decode_step_plan checked every layer
+                assert not isinstance(described, str)  # decode_step_unsupported checked every layer
                 setattr(c, name, described[0])
                 self.keep += described[1]
             c.k_cache, c.v_cache = pool.k[i].data_ptr(), pool.v[i].data_ptr()
@@ -180,11 +180,11 @@ def decode_step_unsupported(model: nn.Module) -> str | None:
 def use_decode_step_(model: nn.Module, pool, enabled: bool, max_rows: int) -> bool:
     """Give the model a DecodeStepPlan over `pool` for decode-only steps of up to max_rows sequences where every
     layer can be replayed (decode_step_unsupported), or take it away. Returns whether it has one."""
-    why = None if enabled else "not asked for"
-    why = why or decode_step_unsupported(model)
-    if hasattr(model, "decode_plan"):
-        model.decode_plan = DecodeStepPlan(model, pool, max_rows) if why is None else None
-    return why is None and hasattr(model, "decode_plan")
+    if not hasattr(model, "decode_plan"):  # not a DecoderForCausalLM (GPT-2): nothing to replay
+        return False
+    replayable = enabled and decode_step_unsupported(model) is None
+    model.decode_plan = DecodeStepPlan(model, pool, max_rows) if replayable else None
+    return replayable
 
 
 def decode_step_rows(model: nn.Module) -> int:
