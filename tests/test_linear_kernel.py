@@ -41,7 +41,7 @@ def check(x, w_t, bias=None, out=None):
     return got
 
 
-ROWS = sorted({1, 2, 3, 4, 5, 8, 15, 16, 17, 33, kernels.LINEAR_KERNEL_MAX_ROWS})  # passes of 16 rows, and tails
+ROWS = sorted({1, 2, 3, 4, 5, 8, 10, 15, 16, 17, 33, kernels.LINEAR_KERNEL_MAX_ROWS})  # passes, blocks and tails
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)

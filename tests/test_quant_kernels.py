@@ -260,3 +260,50 @@ def test_both_libraries_load_side_by_side():
     assert kernels._load() is not kernels._load("quant_linear_cpu")
     assert set(kernels.QUANT_KERNEL_MAX_ROWS) == set(kernels.QUANT_KERNEL_PATHS)
     assert kernels.quant_kernel_max_rows() == kernels.QUANT_KERNEL_MAX_ROWS[kernels.quant_kernel_isa()] >= 1
+
+
+# ---- dequantizing, for many rows of x ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("scheme, group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_dequantize_rows_is_bit_for_bit_the_pytorch_dequantization(threads, scheme, group_size):
+    from nanovllm.layers.quantization import dequantize_int4, dequantize_int8
+
+    N, K = 300, 640  # 770 KB of float32: enough for two threads
+    if scheme == "int8":
+        _, qweight, scales, _ = int8_case(1, N, K, seed=3)
+        whole = dequantize_int8(qweight, scales)
+    else:
+        _, qweight, scales, _, _ = int4_case(1, N, K, group_size, seed=3)
+        whole = dequantize_int4(qweight, scales, group_size)
+    for o0, o1 in [(0, N), (7, 8), (100, 233), (N, N)]:
+        out = torch.full((o1 - o0, K), float("nan"))
+        kernels.dequantize_rows(scheme, qweight, scales, group_size, o0, o1, out)
+        assert torch.equal(out, whole[o0:o1])
+
+
+def test_dequantize_rows_refuses_rows_outside_the_weight_and_a_wrong_buffer():
+    _, qweight, scale, _ = int8_case(1, 10, 64)
+    with pytest.raises(ValueError, match="not within"):
+        kernels.dequantize_rows("int8", qweight, scale, 0, 5, 11, torch.empty(6, 64))
+    with pytest.raises(ValueError, match="shape"):
+        kernels.dequantize_rows("int8", qweight, scale, 0, 0, 4, torch.empty(5, 64))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_many_rows_multiply_slice_by_slice_as_the_whole_dequantized_weight(monkeypatch, scheme):
+    """QuantLinear past the kernel's row limit: W back to float32 a slice of rows at a time, into one buffer."""
+    from nanovllm.layers import quantization
+    from nanovllm.layers.linear import Linear
+
+    torch.manual_seed(0)
+    linear = Linear(256, 100, bias=True)
+    layer = quantization.QuantLinear(linear, scheme, 32)
+    x = torch.randn(kernels.quant_kernel_max_rows() + 5, 256)
+    want = x @ layer.dequantized().T + layer.bias
+    for floats in (1 << 18, 256 * 7, 100):  # one slice; 7 rows a slice, the last one short; a row over the buffer
+        monkeypatch.setattr(quantization, "DEQUANTIZE_FLOATS", floats)
+        monkeypatch.setattr(quantization._buffers, "floats", None, raising=False)
+        got = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,8 @@ LIBRARIES = {
         "int8_linear": (_I, [_P] * 5 + [_I] * 4),
         "int4_linear": (_I, [_P] * 5 + [_I] * 5),
         "quant_linear_isa": (ctypes.c_char_p, []),
+        "int8_dequantize": (_I, [_P] * 3 + [_I] * 4),
+        "int4_dequantize": (_I, [_P] * 3 + [_I] * 5),
     },
     "linear_cpu": {"fp32_linear": (_I, [_P] * 4 + [_I] * 4), "dense_linear_lanes": (_I, [])},
     "decode_ops_cpu": {
@@ -372,6 +374,25 @@ def int4_linear(
     return _quant_linear("int4_linear", x, in_features, qweight, scales, bias, out, group_size)
 
 
+def dequantize_rows(
+    scheme: str, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, o0: int, o1: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Rows [o0, o1) of a quantized weight (qweight and scales as int8_linear / int4_linear take them) back to
+    float32, written into out ((o1 - o0), in), contiguous; returns out. Bit for bit dequantize_int8 / dequantize_int4
+    of nanovllm.layers.quantization, in one pass and into memory the caller keeps (no fresh pages each call)."""
+    in_features = qweight.shape[1] * (2 if scheme == "int4" else 1)
+    if not 0 <= o0 <= o1 <= qweight.shape[0]:
+        raise ValueError(f"rows [{o0}, {o1}) are not within the weight's {qweight.shape[0]} rows")
+    _check("qweight", qweight, torch.int8 if scheme == "int8" else torch.uint8)
+    _check("out", out, torch.float32, (o1 - o0, in_features))
+    extra = (group_size,) if scheme == "int4" else ()
+    _check("scales", scales, torch.float32, (qweight.shape[0], *((in_features // group_size,) if extra else ())))
+    getattr(_quant_library(), f"{scheme}_dequantize")(
+        qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), o0, o1, in_features, *extra, torch.get_num_threads()
+    )
+    return out
+
+
 # Up to this many rows of x (tokens in a step), the engine's Linear layers call fp32_linear: it beat fp32 `x @ W_t` on
 # every decode shape of llama-20m and llama-134m at 1 to 64 rows, one thread, on the development CPU (a Zen 4, AVX-512;
 # 1.1-1.4x at 64 rows, ~1x at 128; benchmarks/results/cpu-linear-kernel.md). Past it a prefill's rows go to PyTorch.
@@ -408,8 +429,9 @@ def fp32_linear(
         lib, why = _load("linear_cpu")
         if lib is None:
             raise RuntimeError(f"the C linear kernel is not available: {why}")
-        lib.fp32_linear(
+        if lib.fp32_linear(
             x.data_ptr(), w_t.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
             out.numel() // out_features, out_features, in_features, torch.get_num_threads(),
-        )  # fmt: skip
+        ):  # fmt: skip
+            raise MemoryError("the C fp32_linear kernel ran out of memory")
     return out

@@ -3,6 +3,7 @@ that multiplies by them. A decode step reads every weight once, so fewer bytes a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -137,10 +138,28 @@ class QuantLinear(nn.Module):
             else:
                 y = kernels.int4_linear(rows, self.qweight, self.scales, self.group_size, self.bias)
         else:
-            y = rows @ self.dequantized().T
-            if self.bias is not None:
-                y = y + self.bias
+            y = self.dequantized_matmul(rows)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # (..., out)
+
+    def dequantized_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in) float32 @ W^T + b with W dequantized: (M, out). On the CPU with the C kernels, W comes back
+        a slice of its rows at a time into one reused buffer (DEQUANTIZE_FLOATS): a whole fresh float32 copy per call
+        cost more than the matmul at tens of rows (mostly the page faults of new memory), and a slice stays in cache
+        for the matmul that reads it."""
+        kernels = cpu_kernels() if rows.device.type == "cpu" else None
+        if kernels is None:
+            y = rows @ self.dequantized().T
+            return y if self.bias is None else y + self.bias
+        buffer = _dequantize_buffer(self.in_features)
+        y_t = rows.new_empty(self.out_features, rows.shape[0])  # (out, M): each slice of W fills rows of it
+        step = max(1, DEQUANTIZE_FLOATS // self.in_features)
+        for o0 in range(0, self.out_features, step):
+            o1 = min(o0 + step, self.out_features)
+            w = buffer[: (o1 - o0) * self.in_features].view(o1 - o0, self.in_features)  # (rows of W, in)
+            kernels.dequantize_rows(self.scheme, self.qweight, self.scales, self.group_size, o0, o1, w)
+            torch.mm(w, rows.T, out=y_t[o0:o1])
+        y = y_t.T.contiguous()  # (M, out)
+        return y if self.bias is None else y.add_(self.bias)
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward on a GPU: the Triton kernel reads the quantized bytes; x stays in its dtype (bf16 on a GPU), and
@@ -152,6 +171,17 @@ class QuantLinear(nn.Module):
         else:
             y = kernels.int4_matmul(rows, self.qweight, self.scales, self.group_size, self.bias)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+
+DEQUANTIZE_FLOATS = 1 << 18  # a slice of W dequantized at a time: 1 MB of float32, about a core's L2
+_buffers = threading.local()  # one buffer per thread: two engines stepping in two threads never share one
+
+
+def _dequantize_buffer(floats: int) -> torch.Tensor:
+    """This thread's buffer, DEQUANTIZE_FLOATS long or one row of W if a row is longer."""
+    if getattr(_buffers, "floats", None) is None or _buffers.floats.numel() < floats:
+        _buffers.floats = torch.empty(max(floats, DEQUANTIZE_FLOATS))
+    return _buffers.floats
 
 
 def kernel_path(device_type: str, rows: int) -> str:
