@@ -146,7 +146,7 @@ static inline vi dot4(vi acc, vi u, vi s) {
 /* INT4's two nibbles of a byte: their int16 pair sums are added before the one widening multiply (llama.cpp's
  * q4 dot products do the same). Exact: a nibble is at most 15 and |x| at most 127, so each sum stays within
  * 4 * 15 * 127 = 7620, far from int16's limit. On a Zen 1 (256-bit multiplies issued as two halves) one multiply
- * fewer out of four measured 1.2x on the decode shapes. */
+ * fewer out of four, and the scales below, measured 1.5x on llama-134m's decode shapes. */
 #define DOT8 1
 static inline vi dot8(vi acc, vi lo, vi xe, vi hi, vi xo) {
   const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
