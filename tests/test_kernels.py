@@ -57,6 +57,7 @@ def random_case(S, Hq, Hkv, D, block_size, lengths, num_blocks=None, seed=0):
         (5, 6, 6, 17, 1, [1, 2, 9, 4, 3]),  # one token per block; a head size no vector width divides
         (7, 4, 1, 80, 3, [20, 1, 13, 6, 9, 2, 30]),  # one KV head for every query head (multi-query)
         (8, 8, 4, 64, 16, [300, 290, 260, 200, 160, 120, 64, 17]),  # enough work for several threads
+        (2, 4, 2, 128, 16, [40, 129]),  # the other head size with a vectorized copy
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
@@ -70,6 +71,24 @@ def test_decode_attention_matches_pytorch_attention(S, Hq, Hkv, D, block_size, l
         torch.set_num_threads(before)
     assert out.shape == (S, Hq, D)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharpness", [8.0, 60.0])
+def test_peaked_scores_whose_exponentials_underflow(sharpness):
+    """Scores spread over hundreds: most exponentials fall below float32's range (the vectorized exp flushes them
+    to 0, as their float32 sum would) and the softmax is nearly one-hot."""
+    inputs, _, tables = random_case(3, 4, 4, 64, 16, [77, 200, 9], seed=5)
+    q = inputs[0] * sharpness
+    k_cache, v_cache = inputs[1], inputs[2]
+    out = kernels.paged_decode_attention(q, *inputs[1:])
+    for s, n in enumerate([77, 200, 9]):
+        slots = [tables[s][p // 16] * 16 + p % 16 for p in range(n)]
+        k = k_cache.view(-1, 4, 64)[slots].transpose(0, 1)  # (H, n, D)
+        v = v_cache.view(-1, 4, 64)[slots].transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[s][:, None].double(), k.double(), v.double())[:, 0]  # (H, D)
+        # a score of size ~sharpness * 8 carries float32 rounding of that size times 6e-8 into its exponential
+        tolerance = 1e-5 * sharpness / 8
+        torch.testing.assert_close(out[s].double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_reads_nothing_outside_each_sequence_blocks_and_length():

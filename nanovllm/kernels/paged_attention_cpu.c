@@ -94,11 +94,119 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
   return 0;
 }
 
-/* the common head sizes get their own copy of attend, its loops unrolled for that size */
+/* ---- the same, vectorized by hand for head sizes a multiple of LANES (64 and 128 are) ----
+ *
+ * Written plainly (above), a (position, head) pair cost ~120 cycles on a Zen 1: a libm expf call per score, and the
+ * sum of pass 2 loaded and stored out[h] at every position. Here a head's dot product is LANES-wide multiply-adds
+ * and one horizontal sum, the softmax's exponentials are computed LANES at a time (vexp below), and pass 2 keeps
+ * out[h] in registers over a whole block of positions. 3.5x faster on llama-20m's decode shape (12 sequences of
+ * 330 positions, 6 heads of 64), one thread, a Zen 1. GCC/Clang vector extensions, as in linear_cpu.c. */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vf __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < LANES; l++) s += v[l];
+  return s;
+}
+
+/* e^x for x <= 0 (scores minus their maximum): e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its
+ * degree-6 Taylor polynomial (error < 2e-7 relative, as expf's float rounding), 2^n put in the exponent bits.
+ * Below -87 the result would be subnormal: it is 0, as it is to float32 sums of numbers near 1. */
+static inline vf vexp(vf x) {
+  const vf ln2_hi = (vf){0} + 0.693145751953125f, ln2_lo = (vf){0} + 1.428606765330187e-06f;
+  vi small = x < -87.f;
+  x = (vf)((vi)x & ~small) + (vf)((vi)((vf){0} - 87.f) & small); /* clamp without a branch */
+  const vf n = __builtin_convertvector(__builtin_convertvector(x * 1.4426950408889634f + ((vf){0} - 0.5f), vi), vf);
+  /* truncation of x / ln 2 - 0.5 toward zero is floor for x <= 0 after the shift: n = round(x / ln 2) */
+  const vf r = (x - n * ln2_hi) - n * ln2_lo;
+  vf p = (vf){0} + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi bits = (vi)p + (__builtin_convertvector(n, vi) << 23);
+  return (vf)(bits & ~small);
+}
+
+static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s, int h0, int h1, float *scores,
+                                                            const int D) {
+  const int group = a->Hq / a->Hkv, bs = a->bs, L = a->lens[s], V = D / LANES;
+  const int32_t *table = a->tables + (int64_t)s * a->max_blocks;
+  const int64_t slot = (int64_t)a->Hkv * D, block = slot * bs;
+  const float *q = a->q + (int64_t)s * a->Hq * D;
+  float *out = a->out + (int64_t)s * a->Hq * D;
+  if (L < 1 || L > a->max_blocks * bs) return 1;
+  const int first = a->window > 0 && L > a->window ? L - a->window : 0, n = L - first;
+  for (int j = first / bs; j * bs < L; j++)
+    if (table[j] < 0 || table[j] >= a->num_blocks) return 1;
+
+  for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 1: scores */
+    const float *kb = a->k + table[j] * block;
+    const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
+    for (int h = h0; h < h1; h++) {
+      const float *qh = q + (int64_t)h * D, *kh = kb + (h / group) * D;
+      float *sc = scores + (int64_t)(h - h0) * n + t0 - first;
+      for (int i = i0; i < i1; i++) {
+        const float *k = kh + i * slot;
+        vf acc0 = {0}, acc1 = {0};
+        int c = 0;
+        for (; c + 1 < V; c += 2)
+          acc0 += *(const vf *)(qh + c * LANES) * *(const vf *)(k + c * LANES),
+              acc1 += *(const vf *)(qh + (c + 1) * LANES) * *(const vf *)(k + (c + 1) * LANES);
+        if (c < V) acc0 += *(const vf *)(qh + c * LANES) * *(const vf *)(k + c * LANES);
+        float score = hsum(acc0 + acc1) * a->scale;
+        if (a->softcap > 0.f) score = a->softcap * tanhf(score / a->softcap);
+        sc[i] = score;
+      }
+    }
+  }
+  for (int h = h0; h < h1; h++) { /* softmax over each head's scores, in place, LANES at a time */
+    float *sc = scores + (int64_t)(h - h0) * n, max = -INFINITY, sum = 0.f;
+    for (int t = 0; t < n; t++) max = sc[t] > max ? sc[t] : max;
+    int t = 0;
+    vf vsum = {0};
+    for (; t + LANES <= n; t += LANES) {
+      const vf e = vexp(*(vf *)(sc + t) - max);
+      *(vf *)(sc + t) = e;
+      vsum += e;
+    }
+    sum = hsum(vsum);
+    for (; t < n; t++) sum += (sc[t] = expf(sc[t] - max));
+    const float inv = 1.f / sum;
+    for (t = 0; t < n; t++) sc[t] *= inv;
+    for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = 0.f;
+  }
+  for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 2: out[h] += p[h][t] v[t], a block at once */
+    const float *vb = a->v + table[j] * block;
+    const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
+    for (int h = h0; h < h1; h++) {
+      const float *vh = vb + (h / group) * D, *p = scores + (int64_t)(h - h0) * n + t0 - first;
+      vf acc[128 / 4]; /* D / LANES sums, D <= 128 (attend_any sends larger heads to the plain loop) */
+      float *o = out + (int64_t)h * D;
+      for (int c = 0; c < V; c++) acc[c] = *(vf *)(o + c * LANES);
+      for (int i = i0; i < i1; i++)
+        for (int c = 0; c < V; c++) acc[c] += p[i] * *(const vf *)(vh + i * slot + c * LANES);
+      for (int c = 0; c < V; c++) *(vf *)(o + c * LANES) = acc[c];
+    }
+  }
+  return 0;
+}
+
+/* the common head sizes get their own copy, vectorized and unrolled for that size; any other the plain loops */
 static int attend_any(const Job *a, int s, int h0, int h1, float *scores) {
   switch (a->D) {
-    case 64: return attend(a, s, h0, h1, scores, 64);
-    case 128: return attend(a, s, h0, h1, scores, 128);
+    case 64: return attend_vec(a, s, h0, h1, scores, 64);
+    case 128: return attend_vec(a, s, h0, h1, scores, 128);
     default: return attend(a, s, h0, h1, scores, a->D);
   }
 }
