@@ -5,12 +5,13 @@ Check your work with: pytest --impl=exercises -m ch07 -k "task1|task2|task3"
 """
 
 from __future__ import annotations
+import threading
 from collections.abc import Callable
 import torch
 from torch import nn
 from nanovllm.kernels.cpu import INT4_GROUP_SIZES
 from nanovllm.layers.linear import Linear
-from nanovllm.layers.quantization import SCHEMES, RowMax, dequantize_int8, dequantize_int4, QuantLinear, kernel_path, triton_kernels, cpu_kernels, quantize_model_, weight_bytes  # the rest of the file, as given
+from nanovllm.layers.quantization import SCHEMES, RowMax, dequantize_int8, dequantize_int4, QuantLinear, DEQUANTIZE_FLOATS, _buffers, _dequantize_buffer, kernel_path, triton_kernels, cpu_kernels, quantize_model_, weight_bytes  # the rest of the file, as given
 import nanovllm.layers.quantization as _reference
 
 
