@@ -93,7 +93,9 @@ def _load(name: str = "paged_attention_cpu") -> tuple[ctypes.CDLL | None, str | 
     if cc is None:
         return None, "no C compiler found (set CC, or install cc, gcc or clang)"
     path = KERNELS / f"{name}.c"
-    source, machine = path.read_bytes(), _machine()
+    # the source and the headers it may include: a change to either builds a new library
+    source = b"".join(p.read_bytes() for p in [path, *sorted(KERNELS.glob("*.h"))])
+    machine = _machine()
     errors = []
     for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), machine]))

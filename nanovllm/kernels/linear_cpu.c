@@ -22,14 +22,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__AVX512F__)
-#define LANES 16
-#elif defined(__AVX__)
-#define LANES 8
-#else
-#define LANES 4
-#endif
-typedef float vf __attribute__((vector_size(4 * LANES), aligned(4), may_alias)); /* aligned(4): unaligned loads */
+#include "vectors.h"
 
 #ifndef CHUNK_FLOATS
 #define CHUNK_FLOATS 4096 /* the chunk's sums, for all rows of a pass: 16 KB, within L1 */
