@@ -80,6 +80,7 @@ def engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or bfloat16 (half as big)")
     parser.add_argument("--quantization", default=None, help="int8, int4, int4-g64 or int4-g128")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="shard the model over N processes (CPU: gloo; CUDA: NCCL, a GPU each)")  # fmt: skip
@@ -91,7 +92,7 @@ def load_engine(args: argparse.Namespace):
     return LLM(
         args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, quantization=args.quantization,
-        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
     )  # fmt: skip
 
 

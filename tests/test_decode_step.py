@@ -60,6 +60,21 @@ def test_replayed_steps_are_the_module_paths_bit_for_bit(monkeypatch, family, qu
     assert sum(replayed) < steps_with_decodes  # some decodes shared a step with a prefill: those were not replayed
 
 
+@pytest.mark.parametrize("family, quantization", [("tiny-llama", None), ("tiny-qwen2", "int8")])
+def test_a_bfloat16_kv_cache_is_replayed_bit_for_bit_too(monkeypatch, family, quantization):
+    """kv_cache_dtype='bfloat16': the replay rounds K and V as it stores them, as PyTorch's .to(bfloat16) does, and
+    reads them through the bfloat16 attention kernel, as the module path does."""
+    from nanovllm import LLM
+
+    llm = LLM(str(TINY_MODELS / family), block_size=4, quantization=quantization, max_num_seqs=4,
+              kv_cache_dtype="bfloat16")  # fmt: skip
+    assert llm.pool.k.dtype == torch.bfloat16 and llm.model.decode_plan is not None
+    replayed = checked_replays(monkeypatch, llm)
+    params = [SamplingParams(max_tokens=6 + i % 3, ignore_eos=True, temperature=0) for i in range(len(PROMPTS))]
+    llm.generate(PROMPTS, params, use_tqdm=False)
+    assert replayed and max(replayed) == 4
+
+
 def test_only_decode_only_steps_are_replayed(monkeypatch):
     from nanovllm import LLM
 

@@ -430,3 +430,39 @@ def test_stress_with_a_sliding_window_model_loses_nothing(monkeypatch):
 
     assert lone.model.model.layers[0].self_attn.spec.window == 5
     test_stress_random_requests_aborts_and_faults_lose_nothing(monkeypatch=monkeypatch, alone=alone, seed=0)
+
+
+# ---- a 16-bit KV cache -----------------------------------------------------------------------------------
+
+
+def test_a_bfloat16_kv_cache_holds_twice_the_blocks_and_keeps_greedy_text(stories260k):
+    """kv_cache_dtype='bfloat16': the same memory holds twice the blocks, and greedy decoding of a real model mostly
+    keeps its tokens (K and V rounded to 8 bits of mantissa move the scores a little; a near tie may flip)."""
+    from nanovllm import LLM
+
+    prompts = ["Once upon a time", "Lily wanted to", "The big dog", "One day, a little boy named Tim"]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    budget = 1 << 20
+    full = LLM(str(stories260k), kv_cache_memory=budget)
+    half = LLM(str(stories260k), kv_cache_memory=budget, kv_cache_dtype="bfloat16")
+    assert half.pool.k.dtype == torch.bfloat16 and half.pool.num_blocks == 2 * full.pool.num_blocks
+    want = [o["token_ids"] for o in full.generate(prompts, params, use_tqdm=False)]
+    got = [o["token_ids"] for o in half.generate(prompts, params, use_tqdm=False)]
+    same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
+    assert same >= 0.9 * sum(len(w) for w in want)
+    assert sum(w[:8] == g[:8] for w, g in zip(want, got)) >= 3  # the first tokens, before any drift
+
+
+def test_kv_cache_dtype_names_its_choices():
+    from nanovllm import LLM
+    from nanovllm.engine.tensor_parallel import kv_cache_dtype
+
+    with pytest.raises(ValueError, match="'auto' or 'bfloat16'"):
+        LLM(MODEL, kv_cache_dtype="int8")
+    with pytest.raises(TypeError, match="kv_cache_dtype"):
+        LLM(MODEL, kv_cache_dtype=torch.bfloat16)
+    assert kv_cache_dtype("auto", torch.float32, "cpu") == torch.float32
+    assert kv_cache_dtype("bfloat16", torch.float32, "cpu") == torch.bfloat16
+    assert kv_cache_dtype("bfloat16", torch.bfloat16, "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+        kv_cache_dtype("bfloat16", torch.float16, "cuda")

@@ -91,6 +91,26 @@ def test_peaked_scores_whose_exponentials_underflow(sharpness):
         torch.testing.assert_close(out[s].double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("D", [64, 128, 17])  # the two vectorized head sizes, and the plain loops
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_bfloat16_pool_reads_as_its_float32_copy(D, threads):
+    """A bfloat16 pool (kv_cache_dtype='bfloat16'): the kernel widens each value exactly, so it gives the float32
+    kernel's result on the same values, bit for bit."""
+    inputs, _, _ = random_case(4, 8, 4, D, 16, [300, 17, 64, 129], seed=D)
+    q, k_cache, v_cache, tables, lens = inputs
+    k16, v16 = k_cache.bfloat16(), v_cache.bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.paged_decode_attention(q, k16, v16, tables, lens)
+        want = kernels.paged_decode_attention(q, k16.float(), v16.float(), tables, lens)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="v_cache"):
+        kernels.paged_decode_attention(q, k16, v_cache, tables, lens)  # K and V in different dtypes
+
+
 def test_reads_nothing_outside_each_sequence_blocks_and_length():
     """NaN everywhere the kernel must not look: unused blocks and each last block's slots past the length."""
     lengths = [23, 7, 40]
@@ -134,9 +154,10 @@ def test_switched_off_the_engine_keeps_to_pytorch(monkeypatch):
     pool = KVPool(1, 4, 4, 2, 8, torch.float32)
     assert resolve_attention_backend("auto", pool) == "c"
     assert resolve_attention_backend("torch", pool) == "torch"
-    assert resolve_attention_backend("auto", KVPool(1, 4, 4, 2, 8, torch.bfloat16)) == "torch"
-    with pytest.raises(ValueError, match="bfloat16"):
-        resolve_attention_backend("c", KVPool(1, 4, 4, 2, 8, torch.bfloat16))
+    assert resolve_attention_backend("auto", KVPool(1, 4, 4, 2, 8, torch.bfloat16)) == "c"  # kv_cache_dtype's
+    assert resolve_attention_backend("auto", KVPool(1, 4, 4, 2, 8, torch.float16)) == "torch"
+    with pytest.raises(ValueError, match="float16"):
+        resolve_attention_backend("c", KVPool(1, 4, 4, 2, 8, torch.float16))
     with pytest.raises(ValueError, match="attention_backend"):
         resolve_attention_backend("cuda", pool)
     monkeypatch.setenv("NANOVLLM_C_KERNELS", "0")

@@ -17,6 +17,7 @@ class LLM(LLMEngine):
     attention_backends = ("torch", "c")  # chapter 5's Triton kernels are not chapter 4's
     # engine options that later chapters add, and the value chapter 4 holds them at (a test checks the list)
     pinned: dict[str, object] = {
+        "kv_cache_dtype": "auto",  # the KV cache in the model's dtype (16 bits: the final engine's option)
         "enforce_eager": True,  # chapter 6's
         "fuse_projections": False,
         "linear_kernel": "torch",

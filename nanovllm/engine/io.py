@@ -213,6 +213,17 @@ def _linear_kernel(name: str, value: object) -> None:
         raise ValueError(f"{name} must be {choices} or None, got {value!r}")
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16")
+
+
+def _kv_cache_dtype(name: str, value: object) -> None:
+    choices = " or ".join(map(repr, KV_CACHE_DTYPES))
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be {choices}, got {_describe(value)}")
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"{name} must be {choices} ('auto': the model's dtype), got {value!r}")
+
+
 _ENGINE_ARGS = {
     "dtype": lambda name, value: resolve_dtype(value),
     "device": lambda name, value: check_device(value),
@@ -222,6 +233,7 @@ _ENGINE_ARGS = {
     "max_num_batched_tokens": _count(1),
     "block_size": _count(1),
     "kv_cache_memory": _kv_cache_memory,
+    "kv_cache_dtype": _kv_cache_dtype,
     "gpu_memory_utilization": _fraction,
     "enable_prefix_caching": _flag,
     "enable_chunked_prefill": _flag,

@@ -65,6 +65,7 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         block_size: int = 16,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
@@ -87,6 +88,10 @@ class LLMEngine:
         'int4-g64', 'int4-g128' for bigger groups), applied at load time to every linear layer of the decoder, and to
         the output layer unless quantize_lm_head=False. Embeddings and norms stay in full precision.
 
+        kv_cache_dtype 'bfloat16' keeps K and V in 16 bits (half the bytes a batched decode step reads from its cache;
+        on a CPU the C attention kernel and the replayed step read it, the arithmetic stays float32); 'auto' keeps
+        them in the model's dtype.
+
         Beyond one device: tensor_parallel_size=N shards every layer over N processes (this one is rank 0; it
         spawns the others, gloo on the CPU, NCCL on GPUs cuda:0..N-1), each with its share of the heads, the MLP
         and the vocabulary, and its own KV pool (engine/tensor_parallel.py). Steps run eagerly then. Call
@@ -100,6 +105,7 @@ class LLMEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
@@ -114,7 +120,7 @@ class LLMEngine:
         load = dict(dtype=dtype, device=device, fuse_projections=fuse_projections, quantization=quantization)
         load["quantize_lm_head"] = quantize_lm_head
         pool = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
-        pool["gpu_memory_utilization"] = gpu_memory_utilization
+        pool["gpu_memory_utilization"], pool["kv_cache_dtype"] = gpu_memory_utilization, kv_cache_dtype
         spec = ShardSpec(model, load, linear_kernel, pool, attention_backend, self.attention_backends)
         spec.threads = threads_per_rank(tensor_parallel_size, device)  # on the CPU the ranks share the cores
         if tensor_parallel_size > 1:

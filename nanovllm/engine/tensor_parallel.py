@@ -72,10 +72,11 @@ def build_shard(spec: ShardSpec, group: ProcessGroup | None) -> tuple[LoadedMode
     use_decode_kernels_(loaded.model, linear_kernel == "c", LINEAR_KERNEL_MAX_ROWS)
     size = group.size if group is not None else 1
     dtype = loaded.model.model.embed_tokens.weight.dtype  # the activations' dtype (a quantized lm_head has none)
+    kv_dtype = kv_cache_dtype(spec.pool.get("kv_cache_dtype", "auto"), dtype, spec.load["device"])
     max_model_len = effective_max_model_len(loaded.config, spec.pool["max_model_len"])
     pool = pool_for_model(
         shard_config(loaded.config, size),  # this rank's KV heads
-        dtype,
+        kv_dtype,
         spec.load["device"],
         spec.pool["block_size"],
         spec.pool["kv_cache_memory"],
@@ -91,6 +92,16 @@ def build_shard(spec: ShardSpec, group: ProcessGroup | None) -> tuple[LoadedMode
     # chapter 6's replay of a whole decode step in C, for one process (a rank's layers all-reduce between them)
     use_decode_step_(loaded.model, pool, linear_kernel == "c" and group is None, decode_step_rows(loaded.model))
     return loaded, linear_kernel, pool
+
+
+def kv_cache_dtype(asked: str, model_dtype: torch.dtype, device: str) -> torch.dtype:
+    """The KV pool's dtype: the model's ('auto'), or bfloat16. On a GPU the attention kernels read the pool in the
+    model's dtype, so there bfloat16 needs a bfloat16 model."""
+    if asked == "auto" or model_dtype == torch.bfloat16:
+        return model_dtype
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"kv_cache_dtype='bfloat16' on {device} needs dtype='bfloat16' (the model is {model_dtype})")
+    return torch.bfloat16
 
 
 def effective_max_model_len(config: ModelConfig, asked: int | None) -> int:

@@ -27,7 +27,10 @@ KERNELS = Path(__file__).parent
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # each library is built from KERNELS / f"{name}.c"; these are the functions it exports: name -> (restype, argtypes)
 LIBRARIES = {
-    "paged_attention_cpu": {"paged_decode_attention": (_I, [_P] * 6 + [_I] * 7 + [_F, _I, _F, _I])},
+    "paged_attention_cpu": {
+        "paged_decode_attention": (_I, [_P] * 6 + [_I] * 7 + [_F, _I, _F, _I]),
+        "paged_decode_attention_bf16": (_I, [_P] * 6 + [_I] * 7 + [_F, _I, _F, _I]),
+    },
     "quant_linear_cpu": {
         "int8_linear": (_I, [_P] * 5 + [_I] * 4),
         "int4_linear": (_I, [_P] * 5 + [_I] * 5),
@@ -149,6 +152,9 @@ def c_kernels_unavailable() -> str | None:
     return _load()[1]
 
 
+KV_DTYPES = (torch.float32, torch.bfloat16)  # the KV pools the C attention kernel reads
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -168,7 +174,7 @@ def paged_decode_attention(
 
     Args:
         q: (S, Hq, D) float32, one query per sequence (its newest token, whose K/V are already stored).
-        k_cache, v_cache: (num_blocks, block_size, Hkv, D) float32, one layer's pool.
+        k_cache, v_cache: (num_blocks, block_size, Hkv, D) float32 or bfloat16 (both the same), one layer's pool.
         block_tables: (S, max_blocks) int32 physical block ids.
         context_lens: (S,) int32, each sequence's length including its newest token.
         out: optional (S, Hq, D) float32 tensor to write into.
@@ -187,10 +193,11 @@ def paged_decode_attention(
         raise RuntimeError(f"the C paged attention kernel is not available: {why}")
     S, Hq, D = q.shape
     num_blocks, block_size, Hkv, _ = k_cache.shape
-    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
-    for name, t in tensors.items():
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}")
+    tensors = {"q": (q, (torch.float32,)), "k_cache": (k_cache, KV_DTYPES), "v_cache": (v_cache, (k_cache.dtype,))}
+    for name, (t, dtypes) in tensors.items():
+        if t.dtype not in dtypes or t.device.type != "cpu" or not t.is_contiguous():
+            kinds = " or ".join(str(d) for d in dtypes)
+            raise ValueError(f"{name} must be a contiguous {kinds} CPU tensor, got {t.dtype} on {t.device}")
     if v_cache.shape != k_cache.shape or k_cache.shape[3] != D or Hq % Hkv:
         shapes = f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
         raise ValueError(f"shapes do not match: {shapes}")
@@ -203,7 +210,8 @@ def paged_decode_attention(
         raise ValueError(f"out must be a contiguous float32 tensor of shape {tuple(q.shape)}")
     if S == 0:
         return out
-    error = lib.paged_decode_attention(
+    kernel = lib.paged_decode_attention_bf16 if k_cache.dtype == torch.bfloat16 else lib.paged_decode_attention
+    error = kernel(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), S, Hq, Hkv, D, block_size, block_tables.shape[1], num_blocks,
         D**-0.5 if scale is None else scale, window or 0, softcap or 0.0, torch.get_num_threads(),

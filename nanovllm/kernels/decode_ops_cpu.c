@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off") /* a * b + c * d rounded twice, as PyTorch's separate operators do */
@@ -80,7 +81,7 @@ typedef int (*fp32_linear_fn)(const float *, const float *, const float *, float
 typedef int (*int8_linear_fn)(const float *, const void *, const float *, const float *, float *, int, int, int, int);
 typedef int (*int4_linear_fn)(const float *, const void *, const float *, const float *, float *, int, int, int, int,
                               int);
-typedef int (*attention_fn)(const float *, const float *, const float *, const int32_t *, const int32_t *, float *, int,
+typedef int (*attention_fn)(const float *, const void *, const void *, const int32_t *, const int32_t *, float *, int,
                             int, int, int, int, int, int, float, int, float, int);
 
 enum { FP32 = 0, INT8 = 1, INT4 = 2 };
@@ -94,7 +95,7 @@ typedef struct { /* one linear layer: y = x W^T + b */
 typedef struct { /* one decoder layer (Llama's: pre-norms, fused q/k/v and gate/up, SwiGLU) */
   const float *input_norm, *post_attention_norm;
   Linear qkv, o, gate_up, down;
-  float *k_cache, *v_cache; /* this layer's pool, (num_blocks, block_size, Hkv, D) */
+  void *k_cache, *v_cache; /* this layer's pool, (num_blocks, block_size, Hkv, D), float32 or bfloat16 */
   float scale, softcap;     /* softcap 0: none */
   int window;               /* 0: none */
 } Layer;
@@ -103,7 +104,15 @@ typedef struct { /* what every layer shares, and the kernels the plan calls */
   void *fp32_linear, *int8_linear, *int4_linear, *attention;
   int num_layers, hidden, heads, kv_heads, head_dim, rotary_dim, block_size, num_blocks;
   float eps;
+  int kv_bf16; /* the pool is bfloat16: K and V are rounded to it as they are stored */
 } Plan;
+
+/* float32 -> bfloat16, rounding to nearest, ties to even: what PyTorch's .to(torch.bfloat16) does (NaN aside) */
+static inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
 
 static int linear(const Plan *p, const Linear *l, const float *x, float *y, int rows, int threads) {
   switch (l->kind) {
@@ -142,9 +151,13 @@ int decode_layers(const Plan *p, const Layer *layers, float *x, const float *cos
       for (int i = 0; i < Hq * D; i++) q[(int64_t)r * Hq * D + i] = row[i]; /* q, contiguous for the kernel */
       if (slots[r] < 0) continue;
       if (slots[r] >= (int64_t)p->num_blocks * p->block_size) { error = 1; break; }
-      for (int i = 0; i < kv; i++) {
-        L->k_cache[slots[r] * kv + i] = row[Hq * D + i];
-        L->v_cache[slots[r] * kv + i] = row[Hq * D + kv + i];
+      for (int i = 0; i < kv && p->kv_bf16; i++) {
+        ((uint16_t *)L->k_cache)[slots[r] * kv + i] = to_bf16(row[Hq * D + i]);
+        ((uint16_t *)L->v_cache)[slots[r] * kv + i] = to_bf16(row[Hq * D + kv + i]);
+      }
+      for (int i = 0; i < kv && !p->kv_bf16; i++) {
+        ((float *)L->k_cache)[slots[r] * kv + i] = row[Hq * D + i];
+        ((float *)L->v_cache)[slots[r] * kv + i] = row[Hq * D + kv + i];
       }
     }
     if (error) break;

@@ -25,26 +25,38 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "vectors.h"
 
 #define MIN_FLOATS_PER_THREAD (1 << 16) /* less K and V than this (256 KB) per thread: not worth another thread */
 
 typedef struct {
-  const float *q, *k, *v;
+  const float *q;
+  const void *k, *v; /* float32, or bfloat16 (paged_decode_attention_bf16) */
   const int32_t *tables, *lens;
   float *out;
   int S, Hq, Hkv, D, bs, max_blocks, num_blocks;
   float scale;
   int window; /* 0: none */
   float softcap; /* 0: none */
+  int bf16;      /* the pool's elements are bfloat16 */
 } Job;
+
+/* Element i of the K or V pool: float32, or (B16) bfloat16, whose 16 bits are the high half of a float32 */
+static inline float kv_elem(const void *pool, int64_t i, const int B16) {
+  if (!B16) return ((const float *)pool)[i];
+  const uint32_t bits = (uint32_t)((const uint16_t *)pool)[i] << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 /* Attention of sequence s's query heads [h0, h1) (whole GQA groups) over its lens[s] cached tokens (its last
  * `window` of them in a sliding-window layer). Two passes over the context: scores q.k for every position, then
  * the softmax-weighted sum of V. scores[(h - h0) * n + t - first] holds position t's score. */
 static inline __attribute__((always_inline)) int attend(const Job *a, int s, int h0, int h1, float *scores,
-                                                        const int D) {
+                                                        const int D, const int B16) {
   const int group = a->Hq / a->Hkv, bs = a->bs, L = a->lens[s];
   const int32_t *table = a->tables + (int64_t)s * a->max_blocks;
   const int64_t slot = (int64_t)a->Hkv * D, block = slot * bs; /* floats between positions, between blocks */
@@ -57,14 +69,15 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
 
   /* block j holds positions t0 .. t0 + bs - 1; the first block may start before the window, at offset i0 */
   for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 1: scores (h1 - h0, n) */
-    const float *kb = a->k + table[j] * block;
+    const int64_t kb = table[j] * block; /* offsets into the pool, in elements */
     const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
     for (int i = i0; i < i1; i++)
       for (int h = h0; h < h1; h++) {
-        const float *k = kb + i * slot + (h / group) * D, *qh = q + (int64_t)h * D;
+        const int64_t k = kb + i * slot + (h / group) * D;
+        const float *qh = q + (int64_t)h * D;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < D; d++) dot += qh[d] * k[d];
+        for (int d = 0; d < D; d++) dot += qh[d] * kv_elem(a->k, k + d, B16);
         float s = dot * a->scale;
         if (a->softcap > 0.f) s = a->softcap * tanhf(s / a->softcap);
         scores[(int64_t)(h - h0) * n + t0 + i - first] = s;
@@ -82,15 +95,15 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
     for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = 0.f;
   }
   for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 2: out[h] = sum_t p[h][t] v[t] */
-    const float *vb = a->v + table[j] * block;
+    const int64_t vb = table[j] * block;
     const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
     for (int i = i0; i < i1; i++)
       for (int h = h0; h < h1; h++) {
-        const float *v = vb + i * slot + (h / group) * D;
+        const int64_t v = vb + i * slot + (h / group) * D;
         const float p = scores[(int64_t)(h - h0) * n + t0 + i - first];
         float *o = out + (int64_t)h * D;
 #pragma omp simd
-        for (int d = 0; d < D; d++) o[d] += p * v[d];
+        for (int d = 0; d < D; d++) o[d] += p * kv_elem(a->v, v + d, B16);
       }
   }
   return 0;
@@ -104,6 +117,21 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
  * On a Zen 1, one thread, K and V in cache (one sequence of 330 positions, 6 heads of 64): 44 -> 35 ns a (position,
  * head) pair, 1.25x. A batch whose K and V come from memory (12 such sequences, 12 MB) is bound by reading them
  * (~8 GB/s a thread there) and runs the same either way. GCC/Clang vector extensions (vectors.h). */
+
+typedef uint16_t vh __attribute__((vector_size(2 * LANES), aligned(2), may_alias));
+
+/* LANES elements of the K or V pool from element i on, as floats (bfloat16: widened, shifted into the high half) */
+static inline vf kvv(const void *pool, int64_t i, const int B16) {
+  if (!B16) return *(const vf *)((const float *)pool + i);
+  return (vf)(__builtin_convertvector(*(const vh *)((const uint16_t *)pool + i), vi) << 16);
+}
+
+/* The next block of a sequence lies anywhere in the pool: the hardware prefetcher cannot guess it, and a block read
+ * line after line waits on memory at each one. Asking for all of it first keeps many lines in flight. */
+static inline void prefetch_block(const void *pool, int64_t first, int64_t elements, const int B16) {
+  const char *p = (const char *)pool + first * (B16 ? 2 : 4), *end = p + elements * (B16 ? 2 : 4);
+  for (; p < end; p += 64) __builtin_prefetch(p, 0, 3);
+}
 
 static inline float hsum(vf v) {
   float s = 0.f;
@@ -133,7 +161,7 @@ static inline vf vexp(vf x) {
 }
 
 static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s, int h0, int h1, float *scores,
-                                                            const int D) {
+                                                            const int D, const int B16) {
   const int group = a->Hq / a->Hkv, bs = a->bs, L = a->lens[s], V = D / LANES;
   const int32_t *table = a->tables + (int64_t)s * a->max_blocks;
   const int64_t slot = (int64_t)a->Hkv * D, block = slot * bs;
@@ -145,19 +173,21 @@ static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s,
     if (table[j] < 0 || table[j] >= a->num_blocks) return 1;
 
   for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 1: scores */
-    const float *kb = a->k + table[j] * block;
+    const int64_t kb = table[j] * block; /* offsets into the pool, in elements */
     const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
+    if (t0 + bs < L) prefetch_block(a->k, table[j + 1] * block + h0 / group * D, slot * bs, B16);
     for (int h = h0; h < h1; h++) {
-      const float *qh = q + (int64_t)h * D, *kh = kb + (h / group) * D;
+      const float *qh = q + (int64_t)h * D;
+      const int64_t kh = kb + (h / group) * D;
       float *sc = scores + (int64_t)(h - h0) * n + t0 - first;
       for (int i = i0; i < i1; i++) {
-        const float *k = kh + i * slot;
+        const int64_t k = kh + i * slot;
         vf acc0 = {0}, acc1 = {0};
         int c = 0;
         for (; c + 1 < V; c += 2)
-          acc0 += *(const vf *)(qh + c * LANES) * *(const vf *)(k + c * LANES),
-              acc1 += *(const vf *)(qh + (c + 1) * LANES) * *(const vf *)(k + (c + 1) * LANES);
-        if (c < V) acc0 += *(const vf *)(qh + c * LANES) * *(const vf *)(k + c * LANES);
+          acc0 += *(const vf *)(qh + c * LANES) * kvv(a->k, k + c * LANES, B16),
+              acc1 += *(const vf *)(qh + (c + 1) * LANES) * kvv(a->k, k + (c + 1) * LANES, B16);
+        if (c < V) acc0 += *(const vf *)(qh + c * LANES) * kvv(a->k, k + c * LANES, B16);
         float score = hsum(acc0 + acc1) * a->scale;
         if (a->softcap > 0.f) score = a->softcap * tanhf(score / a->softcap);
         sc[i] = score;
@@ -181,15 +211,17 @@ static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s,
     for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = 0.f;
   }
   for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 2: out[h] += p[h][t] v[t], a block at once */
-    const float *vb = a->v + table[j] * block;
+    const int64_t vb = table[j] * block;
     const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
+    if (t0 + bs < L) prefetch_block(a->v, table[j + 1] * block + h0 / group * D, slot * bs, B16);
     for (int h = h0; h < h1; h++) {
-      const float *vh = vb + (h / group) * D, *p = scores + (int64_t)(h - h0) * n + t0 - first;
+      const int64_t vh = vb + (h / group) * D;
+      const float *p = scores + (int64_t)(h - h0) * n + t0 - first;
       vf acc[128 / 4]; /* D / LANES sums, D <= 128 (attend_any sends larger heads to the plain loop) */
       float *o = out + (int64_t)h * D;
       for (int c = 0; c < V; c++) acc[c] = *(vf *)(o + c * LANES);
       for (int i = i0; i < i1; i++)
-        for (int c = 0; c < V; c++) acc[c] += p[i] * *(const vf *)(vh + i * slot + c * LANES);
+        for (int c = 0; c < V; c++) acc[c] += p[i] * kvv(a->v, vh + i * slot + c * LANES, B16);
       for (int c = 0; c < V; c++) *(vf *)(o + c * LANES) = acc[c];
     }
   }
@@ -198,17 +230,22 @@ static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s,
 
 /* the common head sizes get their own copy, vectorized and unrolled for that size; any other the plain loops */
 static int attend_any(const Job *a, int s, int h0, int h1, float *scores) {
+  if (a->bf16) switch (a->D) {
+      case 64: return attend_vec(a, s, h0, h1, scores, 64, 1);
+      case 128: return attend_vec(a, s, h0, h1, scores, 128, 1);
+      default: return attend(a, s, h0, h1, scores, a->D, 1);
+    }
   switch (a->D) {
-    case 64: return attend_vec(a, s, h0, h1, scores, 64);
-    case 128: return attend_vec(a, s, h0, h1, scores, 128);
-    default: return attend(a, s, h0, h1, scores, a->D);
+    case 64: return attend_vec(a, s, h0, h1, scores, 64, 0);
+    case 128: return attend_vec(a, s, h0, h1, scores, 128, 0);
+    default: return attend(a, s, h0, h1, scores, a->D, 0);
   }
 }
 
 /* Returns 0 on success, 1 when a length or block id is out of range, 2 when memory ran out. */
-int paged_decode_attention(const float *q, const float *k, const float *v, const int32_t *tables, const int32_t *lens,
-                           float *out, int S, int Hq, int Hkv, int D, int bs, int max_blocks, int num_blocks,
-                           float scale, int window, float softcap, int num_threads) {
+static int decode_attention(const float *q, const void *k, const void *v, const int32_t *tables, const int32_t *lens,
+                            float *out, int S, int Hq, int Hkv, int D, int bs, int max_blocks, int num_blocks,
+                            float scale, int window, float softcap, int num_threads, int bf16) {
   int64_t floats = 0; /* K and V this call reads */
   int longest = 1;
   for (int s = 0; s < S; s++) {
@@ -222,7 +259,7 @@ int paged_decode_attention(const float *q, const float *k, const float *v, const
   int splits = 1; /* fewer sequences than threads: give each thread a share of every sequence's KV heads */
   while (S * splits < threads && splits < Hkv) splits++;
   const int tasks = S * splits, kv_per_split = (Hkv + splits - 1) / splits, group = Hq / Hkv;
-  const Job job = {q, k, v, tables, lens, out, S, Hq, Hkv, D, bs, max_blocks, num_blocks, scale, window, softcap};
+  const Job job = {q, k, v, tables, lens, out, S, Hq, Hkv, D, bs, max_blocks, num_blocks, scale, window, softcap, bf16};
   int error = 0;
 #pragma omp parallel num_threads(threads) reduction(max : error)
   {
@@ -238,4 +275,20 @@ int paged_decode_attention(const float *q, const float *k, const float *v, const
     error = mine;
   }
   return error;
+}
+
+/* k, v: a float32 pool */
+int paged_decode_attention(const float *q, const float *k, const float *v, const int32_t *tables, const int32_t *lens,
+                           float *out, int S, int Hq, int Hkv, int D, int bs, int max_blocks, int num_blocks,
+                           float scale, int window, float softcap, int num_threads) {
+  return decode_attention(q, k, v, tables, lens, out, S, Hq, Hkv, D, bs, max_blocks, num_blocks, scale, window,
+                          softcap, num_threads, 0);
+}
+
+/* k, v: a bfloat16 pool (kv_cache_dtype="bfloat16"): half the bytes to read; q, out and the arithmetic stay float32 */
+int paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const int32_t *tables,
+                                const int32_t *lens, float *out, int S, int Hq, int Hkv, int D, int bs, int max_blocks,
+                                int num_blocks, float scale, int window, float softcap, int num_threads) {
+  return decode_attention(q, k, v, tables, lens, out, S, Hq, Hkv, D, bs, max_blocks, num_blocks, scale, window,
+                          softcap, num_threads, 1);
 }

@@ -140,7 +140,9 @@ def window_mask(mask: torch.Tensor, positions: torch.Tensor, window: int | None)
 def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write N tokens' K and V (N, Hkv, D) into the block pool (num_blocks, block_size, Hkv, D) at flat slots (N,)."""
+    """Write N tokens' K and V (N, Hkv, D) into the block pool (num_blocks, block_size, Hkv, D) at flat slots (N,),
+    in the pool's dtype (a bfloat16 pool rounds them)."""
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)  # pool as (num_blocks * block_size, Hkv, D)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -214,8 +216,8 @@ def paged_attention(
     call allocates its own. `spec`: the layer's scale and soft cap (and its window, when no mask is given).
     """
     k_out, v_out = (b.out_for(k_cache, block_tables) for b in buffers) if buffers else (None, None)
-    k = gather_kv(k_cache, block_tables, k_out)  # (B, S, Hkv, D)
-    v = gather_kv(v_cache, block_tables, v_out)
+    k = gather_kv(k_cache, block_tables, k_out).to(q.dtype)  # (B, S, Hkv, D), in q's dtype whatever the pool's
+    v = gather_kv(v_cache, block_tables, v_out).to(q.dtype)
     if mask is None:
         mask = window_mask(padded_causal_mask(positions, k.shape[1]), positions, spec.window if spec else None)
     return masked_attention(q, k, v, mask, spec=spec)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanovllm.kernels.cpu import c_kernels_unavailable, paged_decode_attention
+from nanovllm.kernels.cpu import KV_DTYPES, c_kernels_unavailable, paged_decode_attention
 from nanovllm.layers.attention import (
     AttentionSpec,
     GatherBuffer,
@@ -204,8 +204,8 @@ class CDecodeAttention(KernelDecodeAttention):
     @staticmethod
     def unavailable(pool) -> str | None:
         k = pool.k
-        if k.device.type != "cpu" or k.dtype != torch.float32:  # checked first: no C build where it could not be used
-            return f"it runs on float32 CPU tensors, and this KV pool is {k.dtype} on {k.device}"
+        if k.device.type != "cpu" or k.dtype not in KV_DTYPES:  # checked first: no C build where it cannot be used
+            return f"it reads float32 or bfloat16 CPU pools, and this KV pool is {k.dtype} on {k.device}"
         return c_kernels_unavailable()
 
 

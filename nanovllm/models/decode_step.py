@@ -47,7 +47,7 @@ class CPlan(ctypes.Structure):
     _fields_ = [
         ("fp32_linear", _P), ("int8_linear", _P), ("int4_linear", _P), ("attention", _P),
         ("num_layers", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("rotary_dim", _I),
-        ("block_size", _I), ("num_blocks", _I), ("eps", _F),
+        ("block_size", _I), ("num_blocks", _I), ("eps", _F), ("kv_bf16", _I),
     ]  # fmt: skip
 
 
@@ -101,13 +101,14 @@ class DecodeStepPlan:
             c.window, c.softcap = (spec.window or 0, spec.softcap or 0.0) if spec is not None else (0, 0.0)
             self.keep += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         quant = cpu._load("quant_linear_cpu")[0]
+        bf16 = int(pool.k.dtype == torch.bfloat16)  # a bfloat16 pool: the step rounds K and V to it as it stores them
         self.plan = CPlan(
             _address(cpu._load("linear_cpu")[0].fp32_linear),
             quant and _address(quant.int8_linear),
             quant and _address(quant.int4_linear),
-            _address(cpu._load()[0].paged_decode_attention),
+            _address(getattr(cpu._load()[0], "paged_decode_attention_bf16" if bf16 else "paged_decode_attention")),
             len(layers), cfg.hidden_size, attention.num_heads, attention.num_kv_heads, attention.head_dim,
-            cfg.rotary_dim, pool.block_size, pool.k.shape[1], layers[0].input_layernorm.eps,
+            cfg.rotary_dim, pool.block_size, pool.k.shape[1], layers[0].input_layernorm.eps, bf16,
         )  # fmt: skip
         self.run = decode_ops._library().decode_layers
         self.watched = [m for layer in layers for m in layer.modules()]  # whose hooks ask for the module path
