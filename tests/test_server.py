@@ -249,7 +249,7 @@ def test_load_200_streams_with_disconnects(server, llm, offline):
 def chat_args(**more):
     options = dict(model=MODEL, url=None, api_key=None, max_tokens=8, temperature=0.0, seed=None, dtype=None)
     options |= dict(device="cpu", max_num_seqs=8, max_model_len=None, kv_cache_memory=None, quantization=None)
-    options["tensor_parallel_size"] = 1
+    options |= dict(tensor_parallel_size=1, kv_cache_dtype="auto")
     return SimpleNamespace(**{**options, **more})
 
 

@@ -116,7 +116,7 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
  * are computed LANES at a time (vexp below), and pass 2 keeps out[h] in registers over a whole block of positions.
  * On a Zen 1, one thread, K and V in cache (one sequence of 330 positions, 6 heads of 64): 44 -> 35 ns a (position,
  * head) pair, 1.25x. A batch whose K and V come from memory (12 such sequences, 12 MB) is bound by reading them
- * (~8 GB/s a thread there) and runs the same either way. GCC/Clang vector extensions (vectors.h). */
+ * either way, and about as slowly with its data in cache. GCC/Clang vector extensions (vectors.h). */
 
 typedef uint16_t vh __attribute__((vector_size(2 * LANES), aligned(2), may_alias));
 
@@ -230,16 +230,10 @@ static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s,
 
 /* the common head sizes get their own copy, vectorized and unrolled for that size; any other the plain loops */
 static int attend_any(const Job *a, int s, int h0, int h1, float *scores) {
-  if (a->bf16) switch (a->D) {
-      case 64: return attend_vec(a, s, h0, h1, scores, 64, 1);
-      case 128: return attend_vec(a, s, h0, h1, scores, 128, 1);
-      default: return attend(a, s, h0, h1, scores, a->D, 1);
-    }
-  switch (a->D) {
-    case 64: return attend_vec(a, s, h0, h1, scores, 64, 0);
-    case 128: return attend_vec(a, s, h0, h1, scores, 128, 0);
-    default: return attend(a, s, h0, h1, scores, a->D, 0);
-  }
+  const int b = a->bf16;
+  if (a->D == 64) return b ? attend_vec(a, s, h0, h1, scores, 64, 1) : attend_vec(a, s, h0, h1, scores, 64, 0);
+  if (a->D == 128) return b ? attend_vec(a, s, h0, h1, scores, 128, 1) : attend_vec(a, s, h0, h1, scores, 128, 0);
+  return b ? attend(a, s, h0, h1, scores, a->D, 1) : attend(a, s, h0, h1, scores, a->D, 0);
 }
 
 /* Returns 0 on success, 1 when a length or block id is out of range, 2 when memory ran out. */
