@@ -115,8 +115,8 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
  * position. Here a head's dot product is LANES-wide multiply-adds and one horizontal sum, the softmax's exponentials
  * are computed LANES at a time (vexp below), and pass 2 keeps out[h] in registers over a whole block of positions.
  * On a Zen 1, one thread, K and V in cache (one sequence of 330 positions, 6 heads of 64): 44 -> 35 ns a (position,
- * head) pair, 1.25x. A batch whose K and V come from memory (12 such sequences, 12 MB) is bound by reading them
- * either way, and about as slowly with its data in cache. GCC/Clang vector extensions (vectors.h). */
+ * head) pair, 1.25x. A batch whose K and V come from memory (12 such sequences, 12 MB) ran the same in both
+ * versions, and about as slowly with its data in cache. GCC/Clang vector extensions (vectors.h). */
 
 typedef uint16_t vh __attribute__((vector_size(2 * LANES), aligned(2), may_alias));
 
