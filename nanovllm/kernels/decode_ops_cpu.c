@@ -151,14 +151,16 @@ int decode_layers(const Plan *p, const Layer *layers, float *x, const float *cos
       for (int i = 0; i < Hq * D; i++) q[(int64_t)r * Hq * D + i] = row[i]; /* q, contiguous for the kernel */
       if (slots[r] < 0) continue;
       if (slots[r] >= (int64_t)p->num_blocks * p->block_size) { error = 1; break; }
-      for (int i = 0; i < kv && p->kv_bf16; i++) {
-        ((uint16_t *)L->k_cache)[slots[r] * kv + i] = to_bf16(row[Hq * D + i]);
-        ((uint16_t *)L->v_cache)[slots[r] * kv + i] = to_bf16(row[Hq * D + kv + i]);
-      }
-      for (int i = 0; i < kv && !p->kv_bf16; i++) {
-        ((float *)L->k_cache)[slots[r] * kv + i] = row[Hq * D + i];
-        ((float *)L->v_cache)[slots[r] * kv + i] = row[Hq * D + kv + i];
-      }
+      if (p->kv_bf16)
+        for (int i = 0; i < kv; i++) {
+          ((uint16_t *)L->k_cache)[slots[r] * kv + i] = to_bf16(row[Hq * D + i]);
+          ((uint16_t *)L->v_cache)[slots[r] * kv + i] = to_bf16(row[Hq * D + kv + i]);
+        }
+      else
+        for (int i = 0; i < kv; i++) {
+          ((float *)L->k_cache)[slots[r] * kv + i] = row[Hq * D + i];
+          ((float *)L->v_cache)[slots[r] * kv + i] = row[Hq * D + kv + i];
+        }
     }
     if (error) break;
     error = ((attention_fn)p->attention)(q, L->k_cache, L->v_cache, tables, lens, att, rows, Hq, Hkv, D, p->block_size,

@@ -438,11 +438,16 @@ static void int4_rows(const Job *j, int o0, int o1) {
 
 /* Quantize x into the pack, then share the output rows out among the threads (whole tiles, contiguous ranges so
  * each thread streams one stretch of W). Returns 0, or 2 when memory ran out. */
+/* Threads worth starting for `bytes` of weight: at most num_threads, none with less than MIN_BYTES_PER_THREAD */
+static int threads_for(size_t bytes, int num_threads) {
+  int threads = num_threads;
+  if ((size_t)threads > bytes / MIN_BYTES_PER_THREAD) threads = (int)(bytes / MIN_BYTES_PER_THREAD);
+  return threads < 1 ? 1 : threads;
+}
+
 static int run(Job *j, void (*pack_row)(const float *, int, int, uint8_t *), void (*rows)(const Job *, int, int),
                const float *x, size_t weight_bytes, int num_threads) {
-  int threads = num_threads;
-  if ((size_t)threads > weight_bytes / MIN_BYTES_PER_THREAD) threads = (int)(weight_bytes / MIN_BYTES_PER_THREAD);
-  if (threads < 1) threads = 1;
+  const int threads = threads_for(weight_bytes, num_threads);
   const int tiles = (j->N + TILE_R - 1) / TILE_R;
   uint8_t *pack = aligned_alloc(64, j->pack_row * (size_t)j->M);
   if (!pack) return 2;
@@ -487,15 +492,9 @@ int int4_linear(const float *x, const uint8_t *qweight, const float *scales, con
  * float32 matrices. Each value is one float32 product, (float)q * scale, as PyTorch computes it
  * (nanovllm/layers/quantization.py: dequantize_int8, dequantize_int4): bit for bit the same weights. ---- */
 
-static int dequantize_threads(size_t bytes, int num_threads) {
-  int threads = num_threads;
-  if ((size_t)threads > bytes / MIN_BYTES_PER_THREAD) threads = (int)(bytes / MIN_BYTES_PER_THREAD);
-  return threads < 1 ? 1 : threads;
-}
-
 /* out ((o1 - o0), K) float32 = scale[o] * qweight[o] for o in [o0, o1). Returns 0. */
 int int8_dequantize(const int8_t *qweight, const float *scale, float *out, int o0, int o1, int K, int num_threads) {
-  const int threads = dequantize_threads((size_t)(o1 - o0) * K * 4, num_threads);
+  const int threads = threads_for((size_t)(o1 - o0) * K * 4, num_threads);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int o = o0; o < o1; o++) {
     const int8_t *q = qweight + (size_t)o * K;
@@ -509,7 +508,7 @@ int int8_dequantize(const int8_t *qweight, const float *scale, float *out, int o
 /* out ((o1 - o0), K) float32 = scales[o][i / g] * (nibble - 8) for o in [o0, o1). Returns 0. */
 int int4_dequantize(const uint8_t *qweight, const float *scales, float *out, int o0, int o1, int K, int g,
                     int num_threads) {
-  const int threads = dequantize_threads((size_t)(o1 - o0) * K * 4, num_threads);
+  const int threads = threads_for((size_t)(o1 - o0) * K * 4, num_threads);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int o = o0; o < o1; o++) {
     const uint8_t *q = qweight + (size_t)o * (K / 2);
