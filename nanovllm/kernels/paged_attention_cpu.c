@@ -118,19 +118,63 @@ static inline __attribute__((always_inline)) int attend(const Job *a, int s, int
  * head) pair, 1.25x. A batch whose K and V come from memory (12 such sequences, 12 MB) ran the same in both
  * versions, and about as slowly with its data in cache. GCC/Clang vector extensions (vectors.h). */
 
-typedef uint16_t vh __attribute__((vector_size(2 * LANES), aligned(2), may_alias));
+/* Vector c of the row of D elements of the K or V pool that starts at element `row`, as floats. A bfloat16 is the high
+ * half of a float32, so a load of 2 * LANES bfloat16 as LANES 32-bit lanes holds in each lane an odd element in its
+ * high half and an even one in its low half: x & 0xffff0000 is the odd elements as floats, x << 16 the even ones.
+ * One operation each, where widening 16-bit lanes to 32 first costs a shuffle too. For bfloat16, vector 2m is then
+ * the even and 2m + 1 the odd elements of elements [2m LANES, (2m + 2) LANES): a permutation of the row (`permuted`)
+ * that a dot product with q permuted alike does not see, and that a sum of V rows undoes at the end. */
+static inline vf kv_vec(const void *pool, int64_t row, int c, const int B16) {
+  if (!B16) return *(const vf *)((const float *)pool + row + c * LANES);
+  const vi x = *(const vi *)((const uint16_t *)pool + row + (c / 2) * 2 * LANES);
+  if (c % 2) return (vf)(x & (int32_t)0xffff0000u);
+  return (vf)(x << 16);
+}
 
-/* LANES elements of the K or V pool from element i on, as floats (bfloat16: widened, shifted into the high half) */
-static inline vf kvv(const void *pool, int64_t i, const int B16) {
-  if (!B16) return *(const vf *)((const float *)pool + i);
-  return (vf)(__builtin_convertvector(*(const vh *)((const uint16_t *)pool + i), vi) << 16);
+/* Where element d of a row is, in the order kv_vec reads a bfloat16 row */
+static inline int permuted(int d) {
+  const int pair = d / (2 * LANES), within = d % (2 * LANES);
+  return (2 * pair + within % 2) * LANES + within / 2;
 }
 
 /* The next block of a sequence lies anywhere in the pool: the hardware prefetcher cannot guess it, and a block read
- * line after line waits on memory at each one. Asking for all of it first keeps many lines in flight. */
+ * line after line waits on memory at each one. So each pass asks for the next block's lines, into L2, a share of
+ * them at each step through the current block: many lines in flight, and never a whole block's worth at once. */
 static inline void prefetch_block(const void *pool, int64_t first, int64_t elements, const int B16) {
   const char *p = (const char *)pool + first * (B16 ? 2 : 4), *end = p + elements * (B16 ? 2 : 4);
-  for (; p < end; p += 64) __builtin_prefetch(p, 0, 3);
+  for (; p < end; p += 64) __builtin_prefetch(p, 0, 2);
+}
+
+typedef float v4 __attribute__((vector_size(16)));
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else /* GCC before 12 has no __builtin_shufflevector */
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+/* The sums of the lanes of a, b, c and d, as four lanes: two rounds of adding pairs of shuffled vectors (within each
+ * 128-bit quarter), then the quarters added, instead of 4 * LANES scalar additions in chains. */
+static inline v4 sum4(vf a, vf b, vf c, vf d) {
+#if LANES == 4
+  const vf x = SHUFFLE(a, b, 0, 4, 1, 5) + SHUFFLE(a, b, 2, 6, 3, 7); /* a01 b01 a23 b23 (pairs summed) */
+  const vf y = SHUFFLE(c, d, 0, 4, 1, 5) + SHUFFLE(c, d, 2, 6, 3, 7);
+  const vf z = SHUFFLE(x, y, 0, 1, 4, 5) + SHUFFLE(x, y, 2, 3, 6, 7); /* a b c d */
+#elif LANES == 8
+  const vf x = SHUFFLE(a, b, 0, 8, 1, 9, 4, 12, 5, 13) + SHUFFLE(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
+  const vf y = SHUFFLE(c, d, 0, 8, 1, 9, 4, 12, 5, 13) + SHUFFLE(c, d, 2, 10, 3, 11, 6, 14, 7, 15);
+  vf z = SHUFFLE(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(x, y, 2, 3, 10, 11, 6, 7, 14, 15); /* a b c d | a b c d */
+  z += SHUFFLE(z, z, 4, 5, 6, 7, 0, 1, 2, 3);
+#else /* 16 */
+  const vf x = SHUFFLE(a, b, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
+               SHUFFLE(a, b, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+  const vf y = SHUFFLE(c, d, 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
+               SHUFFLE(c, d, 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+  vf z = SHUFFLE(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         SHUFFLE(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  z += SHUFFLE(z, z, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  z += SHUFFLE(z, z, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+#endif
+  return (v4){z[0], z[1], z[2], z[3]};
 }
 
 static inline float hsum(vf v) {
@@ -171,26 +215,35 @@ static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s,
   const int first = a->window > 0 && L > a->window ? L - a->window : 0, n = L - first;
   for (int j = first / bs; j * bs < L; j++)
     if (table[j] < 0 || table[j] >= a->num_blocks) return 1;
+  float *scratch = scores + (int64_t)(h1 - h0) * n; /* (h1 - h0, D): q permuted as kv_vec reads, then out's rows */
+  if (B16) {
+    for (int h = h0; h < h1; h++)
+      for (int d = 0; d < D; d++) scratch[(h - h0) * D + permuted(d)] = q[(int64_t)h * D + d];
+    q = scratch - (int64_t)h0 * D;
+  }
 
-  for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 1: scores */
+  for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 1: scores, four positions at a time */
     const int64_t kb = table[j] * block; /* offsets into the pool, in elements */
     const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
-    if (t0 + bs < L) prefetch_block(a->k, table[j + 1] * block + h0 / group * D, slot * bs, B16);
-    for (int h = h0; h < h1; h++) {
-      const float *qh = q + (int64_t)h * D;
-      const int64_t kh = kb + (h / group) * D;
-      float *sc = scores + (int64_t)(h - h0) * n + t0 - first;
-      for (int i = i0; i < i1; i++) {
-        const int64_t k = kh + i * slot;
-        vf acc0 = {0}, acc1 = {0};
-        int c = 0;
-        for (; c + 1 < V; c += 2)
-          acc0 += *(const vf *)(qh + c * LANES) * kvv(a->k, k + c * LANES, B16),
-              acc1 += *(const vf *)(qh + (c + 1) * LANES) * kvv(a->k, k + (c + 1) * LANES, B16);
-        if (c < V) acc0 += *(const vf *)(qh + c * LANES) * kvv(a->k, k + c * LANES, B16);
-        float score = hsum(acc0 + acc1) * a->scale;
-        if (a->softcap > 0.f) score = a->softcap * tanhf(score / a->softcap);
-        sc[i] = score;
+    const int64_t next = t0 + bs < L ? table[j + 1] * block : -1;
+    for (int i = i0; i < i1; i += 4) { /* every head of four positions: the block is read in the order it lies */
+      if (next >= 0) prefetch_block(a->k, next + i * slot, 4 * slot, B16);
+      /* positions past i1 repeat the last one: each lane's sum is its own, and only real lanes are stored */
+      const int64_t k0 = kb + i * slot, k1 = i + 1 < i1 ? k0 + slot : k0;
+      const int64_t k2 = i + 2 < i1 ? k0 + 2 * slot : k0, k3 = i + 3 < i1 ? k0 + 3 * slot : k0;
+      for (int h = h0; h < h1; h++) {
+        const float *qh = q + (int64_t)h * D;
+        const int64_t kh = (h / group) * D;
+        vf d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
+        for (int c = 0; c < V; c++) {
+          const vf qc = *(const vf *)(qh + c * LANES);
+          d0 += qc * kv_vec(a->k, k0 + kh, c, B16), d1 += qc * kv_vec(a->k, k1 + kh, c, B16);
+          d2 += qc * kv_vec(a->k, k2 + kh, c, B16), d3 += qc * kv_vec(a->k, k3 + kh, c, B16);
+        }
+        const v4 score = sum4(d0, d1, d2, d3) * a->scale;
+        float *sc = scores + (int64_t)(h - h0) * n + t0 - first;
+        for (int l = 0; l < 4 && i + l < i1; l++)
+          sc[i + l] = a->softcap > 0.f ? a->softcap * tanhf(score[l] / a->softcap) : score[l];
       }
     }
   }
@@ -208,23 +261,28 @@ static inline __attribute__((always_inline)) int attend_vec(const Job *a, int s,
     for (; t < n; t++) sum += (sc[t] = expf(sc[t] - max));
     const float inv = 1.f / sum;
     for (t = 0; t < n; t++) sc[t] *= inv;
-    for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = 0.f;
   }
+  float *o0 = B16 ? scratch : out + (int64_t)h0 * D; /* out[h0 .. h1), for bfloat16 permuted until the end */
+  for (int d = 0; d < (h1 - h0) * D; d++) o0[d] = 0.f;
   for (int j = first / bs, t0 = j * bs; t0 < L; j++, t0 += bs) { /* pass 2: out[h] += p[h][t] v[t], a block at once */
     const int64_t vb = table[j] * block;
     const int i0 = first > t0 ? first - t0 : 0, i1 = L - t0 < bs ? L - t0 : bs;
-    if (t0 + bs < L) prefetch_block(a->v, table[j + 1] * block + h0 / group * D, slot * bs, B16);
+    const int64_t next = t0 + bs < L ? table[j + 1] * block : -1, share = (block + h1 - h0 - 1) / (h1 - h0);
     for (int h = h0; h < h1; h++) {
+      if (next >= 0) prefetch_block(a->v, next + (h - h0) * share, share, B16);
       const int64_t vh = vb + (h / group) * D;
       const float *p = scores + (int64_t)(h - h0) * n + t0 - first;
       vf acc[128 / 4]; /* D / LANES sums, D <= 128 (attend_any sends larger heads to the plain loop) */
-      float *o = out + (int64_t)h * D;
+      float *o = o0 + (int64_t)(h - h0) * D;
       for (int c = 0; c < V; c++) acc[c] = *(vf *)(o + c * LANES);
       for (int i = i0; i < i1; i++)
-        for (int c = 0; c < V; c++) acc[c] += p[i] * kvv(a->v, vh + i * slot + c * LANES, B16);
+        for (int c = 0; c < V; c++) acc[c] += p[i] * kv_vec(a->v, vh + i * slot, c, B16);
       for (int c = 0; c < V; c++) *(vf *)(o + c * LANES) = acc[c];
     }
   }
+  if (B16)
+    for (int h = h0; h < h1; h++)
+      for (int d = 0; d < D; d++) out[(int64_t)h * D + d] = scratch[(h - h0) * D + permuted(d)];
   return 0;
 }
 
@@ -257,7 +315,7 @@ static int decode_attention(const float *q, const void *k, const void *v, const 
   int error = 0;
 #pragma omp parallel num_threads(threads) reduction(max : error)
   {
-    float *scores = malloc(sizeof(float) * (size_t)longest * Hq);
+    float *scores = malloc(sizeof(float) * ((size_t)longest + D) * Hq); /* scores, then attend_vec's scratch */
     int mine = scores ? 0 : 2; /* this thread's error: the reduction's private copy starts at INT_MIN */
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < tasks; task++) {
