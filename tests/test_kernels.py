@@ -115,10 +115,11 @@ def test_a_bfloat16_pool_reads_as_its_float32_copy(D, threads):
         kernels.paged_decode_attention(q, k16, v_cache, tables, lens)  # K and V in different dtypes
 
 
-def test_reads_nothing_outside_each_sequence_blocks_and_length():
+@pytest.mark.parametrize("D", [16, 64])  # the plain loops, and the vectorized copy's groups of four positions
+def test_reads_nothing_outside_each_sequence_blocks_and_length(D):
     """NaN everywhere the kernel must not look: unused blocks and each last block's slots past the length."""
     lengths = [23, 7, 40]
-    inputs, expected, tables = random_case(3, 4, 2, 16, 8, lengths, num_blocks=40)
+    inputs, expected, tables = random_case(3, 4, 2, D, 8, lengths, num_blocks=40)
     q, k_cache, v_cache, block_tables, context_lens = inputs
     used = {(b, i) for t, n in zip(tables, lengths) for p in range(n) for b, i in [(t[p // 8], p % 8)]}
     for b in range(40):
@@ -238,14 +239,18 @@ def windowed_reference(q, k_cache, v_cache, tables, lengths, scale, window, soft
 
 @pytest.mark.parametrize("window, softcap", [(5, None), (11, 2.0), (1, None), (None, 1.5), (64, 3.0)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sliding_window_soft_cap_and_scale(window, softcap, threads):
+@pytest.mark.parametrize("D, kv_dtype", [(16, torch.float32), (64, torch.float32), (64, torch.bfloat16)])
+def test_sliding_window_soft_cap_and_scale(window, softcap, threads, D, kv_dtype):
     """Windows under a block of 8, across blocks and wider than some contexts; keys before each window are NaN, so
-    any read of them shows. The scale is a model's own (Gemma 2's query_pre_attn_scalar ** -0.5), not 1/sqrt(D)."""
+    any read of them shows. The scale is a model's own (Gemma 2's query_pre_attn_scalar ** -0.5), not 1/sqrt(D).
+    D 16 takes the plain loops, 64 the vectorized copy (four positions at a time: windows that start and end inside
+    a group of four), in float32 and in bfloat16 (against the reference on the same rounded values)."""
     lengths = [1, 5, 6, 8, 9, 40, 100]
-    inputs, _, tables = random_case(len(lengths), 8, 2, 16, 8, lengths, seed=3)
+    inputs, _, tables = random_case(len(lengths), 8, 2, D, 8, lengths, seed=3)
     q, k_cache, v_cache, block_tables, context_lens = inputs
-    q = q * 4  # large scores, where the cap bends them
-    expected = windowed_reference(q, k_cache, v_cache, tables, lengths, 0.3, window, softcap)
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
+    q = q * 4 * (16 / D) ** 0.5  # large scores, where the cap bends them
+    expected = windowed_reference(q, k_cache.float(), v_cache.float(), tables, lengths, 0.3, window, softcap)
     if window:
         for t, n in zip(tables, lengths):
             for p in range(max(0, n - window)):
@@ -263,3 +268,28 @@ def test_sliding_window_soft_cap_and_scale(window, softcap, threads):
         kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, window=0)
     with pytest.raises(ValueError, match="softcap"):
         kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, softcap=-1.0)
+
+
+def test_every_vector_width_this_cpu_builds(monkeypatch, tmp_path):
+    """The vectorized copies (head sizes 64 and 128) built as wide as each flag set allows (16, 8 or 4 floats: the
+    shuffle tree that sums four dot products differs by width, and so does the order a bfloat16 row is read in),
+    float32 and bfloat16 pools, against the oracle; lengths that end inside a group of four positions."""
+    monkeypatch.setenv("NANOVLLM_KERNEL_CACHE", str(tmp_path))
+    lengths = [1, 3, 6, 33, 130]
+    try:
+        for name, flags in kernels.quant_kernel_paths().items():
+            monkeypatch.setenv("NANOVLLM_KERNEL_FLAGS", flags)
+            kernels._load.cache_clear()
+            assert kernels.c_kernels_unavailable() is None, name
+            for D in (64, 128):
+                inputs, expected, _ = random_case(len(lengths), 8, 2, D, 16, lengths, seed=D)
+                q, k_cache, v_cache, tables, lens = inputs
+                out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens)
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=f"{name}, D {D}")
+                k16, v16 = k_cache.bfloat16(), v_cache.bfloat16()
+                want = kernels.paged_decode_attention(q, k16.float(), v16.float(), tables, lens)
+                got = kernels.paged_decode_attention(q, k16, v16, tables, lens)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name}, D {D}, bfloat16")
+    finally:
+        monkeypatch.undo()
+        kernels._load.cache_clear()
