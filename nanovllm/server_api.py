@@ -69,9 +69,7 @@ def chat_prompt(body: dict, tokenizer) -> str | list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise APIError(400, "each message needs a string role and a string content", param="messages")
+    messages = [{**m, "content": message_text(m)} for m in messages]
     hf = getattr(tokenizer, "tok", None)
     if hf is not None and getattr(hf, "chat_template", None):
         try:
@@ -79,6 +77,26 @@ def chat_prompt(body: dict, tokenizer) -> str | list[int]:
         except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
             raise APIError(400, f"the model's chat template rejects these messages: {e}", param="messages") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def message_text(message) -> str:
+    """A message's content as one string: OpenAI's content is a string or a list of parts, of which we read the
+    text ones ({"type": "text", "text": ...}, joined by newlines as vLLM does); images and audio are refused."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise APIError(400, "each message needs a string role and a content", param="messages")
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise APIError(400, "a message's content must be a string or a non-empty list of text parts", param="messages")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a {kind!r} part" if isinstance(kind, str) else repr(part)
+            raise APIError(400, f"only text content parts are supported, got {what}", param="messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:

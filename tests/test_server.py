@@ -129,6 +129,22 @@ def test_chat_with_the_plain_fallback_template(client, offline):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == offline(rendered, 10)
 
 
+def test_chat_content_as_a_list_of_text_parts(server, client, offline):
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    r = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0
+    )
+    assert r.choices[0].message.content == offline("user: Hello\nthere\nassistant:", 8)  # parts joined by newlines
+    headers = {"Authorization": f"Bearer {KEY}"}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    for content in ([image], [], [{"type": "text"}], [{"type": "text", "text": 3}], ["hi"], None, 5):
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", (content, reply.text)
+    assert "image_url" in httpx.post(server.url + "/v1/chat/completions", headers=headers,
+                                     json={"messages": [{"role": "user", "content": [image]}]}).text  # fmt: skip
+
+
 def test_n_stop_and_seeds(client, offline):
     r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=0, n=3)
     assert len(r.choices) == 3 and len({c.text for c in r.choices}) == 1 and r.choices[0].text == offline("Once", 8)
