@@ -43,15 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 keeps every token")
     gen.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 keeps all")
     gen.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: a random one)")
-    gen.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
-    # no argparse choices: a bad name is then the engine's one-line error, not a usage message
-    gen.add_argument("--quantization", default=None, metavar="{" + ",".join(QUANTIZATIONS) + "}",
-                     help="weight-only quantization of the linear layers (default: none, full precision)")  # fmt: skip
-    gen.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="shard the model over N processes")
+    engine_options(gen)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra: fastapi, uvicorn)")
     srv.add_argument("model", nargs="?", default="default", help="'default', a Hugging Face folder or a llama2.c .bin")
+    srv.add_argument(
+        "--model", dest="model_option", default=None, help="the model, named as an option (as vLLM allows)"
+    )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
@@ -59,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_options(srv)
     chat = sub.add_parser("chat", help="chat in the terminal with a model, or with a running server (--url)")
     chat.add_argument("model", nargs="?", default="default")
+    chat.add_argument("--model", dest="model_option", default=None, help="the model, named as an option")
     chat.add_argument("--url", default=None, help="a running nanovllm serve (e.g. http://127.0.0.1:8000)")
     chat.add_argument("--api-key", default=None)
     chat.add_argument("--max-tokens", type=int, default=256)
@@ -74,14 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_options(parser: argparse.ArgumentParser) -> None:
-    """The engine's options a server or a chat takes."""
+    """The engine's options every command that loads a model takes."""
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="the context: prompt and output (default: the model's own; at most that)")  # fmt: skip
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or bfloat16 (half as big)")
-    parser.add_argument("--quantization", default=None, help="int8, int4, int4-g64 or int4-g128")
+    # no argparse choices: a bad name is then the engine's one-line error, not a usage message
+    parser.add_argument("--quantization", default=None, metavar="{" + ",".join(QUANTIZATIONS) + "}",
+                        help="weight-only quantization of the linear layers (default: none)")  # fmt: skip
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="shard the model over N processes (CPU: gloo; CUDA: NCCL, a GPU each)")  # fmt: skip
 
@@ -121,17 +123,12 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from nanovllm import LLM
-
     if args.stream and len(args.prompts) != 1:  # before loading a model that may take a while
         raise ValueError(f"--stream takes one prompt, got {len(args.prompts)}")
     params = SamplingParams(  # checked before the model loads too
         temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )  # fmt: skip
+    llm = load_engine(args)
     with llm:  # stops tensor-parallel workers, if any, however this ends
         return print_generated(llm, args, params)
 
@@ -203,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # parse_args would blame the top-level parser and print its usage, not the subcommand's
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "model_option", None) is not None:  # `serve --model M` is `serve M`; both must agree
+        if args.model not in ("default", args.model_option):
+            args.command_parser.error(f"two models named: {args.model!r} and --model {args.model_option!r}")
+        args.model = args.model_option
     try:
         return {"generate": generate, "serve": serve, "chat": chat}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: one clear line, no traceback

@@ -473,3 +473,17 @@ def test_engine_with_no_room_for_one_sequence_says_what_to_set(monkeypatch):
     with pytest.raises(ValueError, match="max_model_len=256.*kv_cache_memory"):
         engine_class("ch04")(MODEL)
     assert engine_class("ch04")(MODEL, max_model_len=64).pool.num_tokens == 128
+
+
+@pytest.mark.parametrize("chapter", ["ch01", "ch04", "nanovllm"])
+def test_a_context_longer_than_the_models_is_refused(chapter):
+    """max_model_len past max_position_embeddings (256 in tiny-llama's config.json) is an error, not a silent clamp;
+    at or below it, it is the context the engine runs."""
+    llm_class = engine_class(chapter) if chapter != "nanovllm" else importlib.import_module("nanovllm").LLM
+    with open(TINY_MODELS / "tiny-llama" / "config.json") as f:
+        model_context = json.load(f)["max_position_embeddings"]
+    with pytest.raises(ValueError, match=f"max_model_len={model_context + 1} .* context of {model_context} tokens"):
+        llm_class(MODEL, max_model_len=model_context + 1)
+    assert llm_class(MODEL, max_model_len=model_context).max_model_len == model_context
+    assert llm_class(MODEL, max_model_len=32).max_model_len == 32
+    assert llm_class(MODEL).max_model_len == model_context

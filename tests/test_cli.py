@@ -69,6 +69,11 @@ def test_an_unknown_option_prints_the_generate_usage(capsys):
         (["generate", "a", "--temperature", "-1"], "temperature"),
         (["generate", "a", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
         (["generate", "a", "--model", "/no/such/folder"], "/no/such/folder"),
+        (["generate", "a", "--max-model-len", "100000"], "max_model_len=100000 is longer than the model's context"),
+        (["generate", "a", "--max-num-seqs", "0"], "max_num_seqs must be an integer >= 1"),
+        (["generate", "a", "--kv-cache-dtype", "fp4"], "kv_cache_dtype must be"),
+        (["serve", "--model", "/no/such/folder"], "/no/such/folder"),  # `serve --model M` is `serve M`
+        (["chat", "--model", "/no/such/folder"], "/no/such/folder"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, argv, message):
@@ -105,3 +110,20 @@ def test_bad_quantization_is_one_line_naming_the_choices(capsys, value):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("nanovllm: error: quantization must be") and err.count("\n") == 1
     assert "int4-g128" in err and repr(value) in err
+
+
+def test_generate_takes_the_engines_options(capsys):
+    """--max-model-len and the KV options reach the engine: a context of 8 tokens ends the text before --max-tokens."""
+    argv = ["generate", "Once upon", "--model", MODEL, "--temperature", "0", "--max-tokens", "20"]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    want = LLM(MODEL, max_model_len=8, kv_cache_dtype="bfloat16").generate(["Once upon"], params, use_tqdm=False)[0]
+    assert len(want["token_ids"]) < 20 and want["finish_reason"] == "length"
+    assert main([*argv, "--max-model-len", "8", "--kv-cache-dtype", "bfloat16", "--max-num-seqs", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"Once upon{want['text']}\n" and f"[length, {len(want['token_ids'])} tokens]" in err
+
+
+def test_serve_takes_its_model_once(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["serve", MODEL, "--model", "/another/model"])
+    assert raised.value.code == 2 and "two models named" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from nanovllm.engine.io import (
     Prompt,
     check_engine_args,
+    context_length,
     finish_reason,
     make_output,
     prepare_inputs,
@@ -135,7 +136,7 @@ class LLM:
         check_engine_args(dtype=dtype, device=device, max_model_len=max_model_len, seed=seed)
         loaded = load_model(model, dtype=dtype, device=device)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
+        self.max_model_len = context_length(self.config.max_model_len, max_model_len)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from nanovllm.engine.io import (
     Prompt,
     check_engine_args,
+    context_length,
     finish_reason,
     make_output,
     prepare_inputs,

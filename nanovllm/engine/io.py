@@ -150,6 +150,17 @@ def _describe(value: object) -> str:
 # ---- engine arguments: one check for every chapter's LLM and for LLMEngine ------------------------------
 
 
+def context_length(model_context: int, asked: int | None) -> int:
+    """The context an engine runs: max_model_len when given, else the model's own. More than the model's is refused,
+    as vLLM does: positions past it were never trained (and a silently shorter context would surprise later)."""
+    if asked is not None and asked > model_context:
+        raise ValueError(
+            f"max_model_len={asked} is longer than the model's context of {model_context} tokens "
+            f"(max_position_embeddings in its config.json); ask for at most {model_context}, or leave it unset"
+        )
+    return asked or model_context
+
+
 def check_engine_args(**args: object) -> None:
     """Refuse an engine argument of the wrong type (TypeError) or value (ValueError), naming it, before any
     model is loaded. Every chapter's LLM and LLMEngine pass the arguments they take, by name."""

@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 from nanovllm.engine.beam_search import BeamSearchParams, beam_search
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.candidates import Row, best_of, candidate_rows, record_logprob, record_prompt_logprobs
-from nanovllm.engine.io import Prompt, check_engine_args, check_prompt, prepare_inputs, request_generator
+from nanovllm.engine.io import (
+    Prompt,
+    check_engine_args,
+    check_prompt,
+    context_length,
+    prepare_inputs,
+    request_generator,
+)
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
@@ -25,7 +32,6 @@ from nanovllm.engine.tensor_parallel import (
     ShardSpec,
     TensorParallelRunner,
     build_shard,
-    effective_max_model_len,
     threads_per_rank,
 )
 from nanovllm.engine.tensor_parallel import start as start_tensor_parallel
@@ -134,7 +140,7 @@ class LLMEngine:
             raise
         self.quantization = quantization
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
-        self.max_model_len = effective_max_model_len(self.config, max_model_len)
+        self.max_model_len = context_length(self.config.max_model_len, max_model_len)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.block_manager = BlockManager(self.pool.num_blocks, block_size, enable_prefix_caching)

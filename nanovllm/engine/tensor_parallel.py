@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from nanovllm.config import ModelConfig
+from nanovllm.engine.io import context_length
 from nanovllm.engine.kv_cache import KVPool, pool_for_model
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.process_group import ProcessGroup
@@ -73,7 +73,7 @@ def build_shard(spec: ShardSpec, group: ProcessGroup | None) -> tuple[LoadedMode
     size = group.size if group is not None else 1
     dtype = loaded.model.model.embed_tokens.weight.dtype  # the activations' dtype (a quantized lm_head has none)
     kv_dtype = kv_cache_dtype(spec.pool.get("kv_cache_dtype", "auto"), dtype, spec.load["device"])
-    max_model_len = effective_max_model_len(loaded.config, spec.pool["max_model_len"])
+    max_model_len = context_length(loaded.config.max_model_len, spec.pool["max_model_len"])
     pool = pool_for_model(
         shard_config(loaded.config, size),  # this rank's KV heads
         kv_dtype,
@@ -102,11 +102,6 @@ def kv_cache_dtype(asked: str, model_dtype: torch.dtype, device: str) -> torch.d
     if torch.device(device).type != "cpu":
         raise ValueError(f"kv_cache_dtype='bfloat16' on {device} needs dtype='bfloat16' (the model is {model_dtype})")
     return torch.bfloat16
-
-
-def effective_max_model_len(config: ModelConfig, asked: int | None) -> int:
-    """The context the engine allows: what was asked for, never more than the model's."""
-    return min(asked or config.max_model_len, config.max_model_len)
 
 
 def threads_per_rank(size: int, device: str) -> int:
