@@ -157,6 +157,10 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
     async def api_error(request: Request, e: APIError):
         return e.response()
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, e: Exception):  # a bug, not bad input: still OpenAI's shape, and
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()  # logged
+
     async def body_of(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
@@ -191,8 +195,9 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
             writers = [LogprobWriter(llm.tokenizer, ids, chat) if logprobs else None for ids in prompt_ids]
             events = stream_events(engine, submitted, writers, head, chat, body, prompt_tokens)
 
-            def release_all():  # runs after the stream ends or the client leaves (a generator left at a yield
-                for rid, _ in submitted:  # is only closed when it is garbage-collected)
+            async def release_all():  # runs after the stream ends or the client leaves
+                await events.aclose()  # a generator the client left at a yield: its finally runs now, not at GC
+                for rid, _ in submitted:  # (one never started has no finally to run)
                     engine.release(rid)
 
             return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release_all))

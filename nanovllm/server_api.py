@@ -69,7 +69,8 @@ def chat_prompt(body: dict, tokenizer) -> str | list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    messages = [{**m, "content": message_text(m)} for m in messages]
+    texts = [message_text(m) for m in messages]  # each message checked before it is read
+    messages = [{**m, "content": text} for m, text in zip(messages, texts)]
     hf = getattr(tokenizer, "tok", None)
     if hf is not None and getattr(hf, "chat_template", None):
         try:

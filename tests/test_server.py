@@ -5,6 +5,7 @@ a bounded load test with disconnecting clients; and `nanovllm chat` driven throu
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import random
@@ -42,13 +43,25 @@ class Server:
         self.app = create_app(llm, name, api_key)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=asyncio.run, args=(self.serve(),), daemon=True)
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started:
             assert time.time() < deadline, "the server did not start"
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
+
+    async def serve(self):
+        self.loop = asyncio.get_running_loop()  # the server's loop: tests look at its tasks
+        await self.server.serve()
+
+    def pending_stream_tasks(self) -> list:
+        """Tasks still waiting on the server's loop that feed a stream (each stream's per-request forwarders)."""
+
+        async def pending():
+            return [t for t in asyncio.all_tasks() if "stream_events" in t.get_coro().__qualname__]
+
+        return asyncio.run_coroutine_threadsafe(pending(), self.loop).result(timeout=10)
 
     def stop(self):
         self.server.should_exit = True
@@ -137,12 +150,30 @@ def test_chat_content_as_a_list_of_text_parts(server, client, offline):
     assert r.choices[0].message.content == offline("user: Hello\nthere\nassistant:", 8)  # parts joined by newlines
     headers = {"Authorization": f"Bearer {KEY}"}
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    for content in ([image], [], [{"type": "text"}], [{"type": "text", "text": 3}], ["hi"], None, 5):
-        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    for content in ([image], [], [{"type": "text"}], [{"type": "text", "text": 3}], ["hi"], None, 5, "not a message"):
+        message = {"role": "user", "content": content} if content != "not a message" else None
+        body = {"messages": [message], "max_tokens": 2}
         reply = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", (content, reply.text)
     assert "image_url" in httpx.post(server.url + "/v1/chat/completions", headers=headers,
                                      json={"messages": [{"role": "user", "content": [image]}]}).text  # fmt: skip
+
+
+def test_a_bug_is_a_500_in_openais_shape_and_the_server_carries_on(server, offline, monkeypatch):
+    import nanovllm.server
+
+    def broken(body, tokenizer):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(nanovllm.server, "chat_prompt", broken)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": []}, headers=headers)
+    assert (
+        r.status_code == 500 and r.json()["error"]["type"] == "server_error" and "a bug" in r.json()["error"]["message"]
+    )
+    good = httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 6, "temperature": 0},
+                      headers=headers)  # fmt: skip
+    assert good.json()["choices"][0]["text"] == offline("Once", 6)
 
 
 def test_n_stop_and_seeds(client, offline):
@@ -245,7 +276,15 @@ def test_load_200_streams_with_disconnects(server, llm, offline):
         async with httpx.AsyncClient(timeout=120, limits=limits) as http:
             return await asyncio.wait_for(asyncio.gather(*(one(i, http) for i in range(200))), timeout=120)
 
-    results = asyncio.run(main())
+    gc.disable()  # a task the server left waiting would otherwise vanish at a collection, with only a warning
+    try:
+        results = asyncio.run(main())
+        deadline = time.time() + 10  # a stream the client left stops its tasks once that is noticed, not at GC
+        while (pending := server.pending_stream_tasks()) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        gc.enable()
+    assert pending == []
     for i, result in enumerate(results):
         if result is None:
             continue
