@@ -95,8 +95,9 @@ def test_peaked_scores_whose_exponentials_underflow(sharpness):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_bfloat16_pool_reads_as_its_float32_copy(D, threads):
     """A bfloat16 pool (kv_cache_dtype='bfloat16'): the kernel widens each value exactly, so it gives the float32
-    kernel's result on the same values: bit for bit in the plain loops, and to float32 rounding in the vectorized
-    copies (D 64 and 128), which add up a bfloat16 row's even and odd elements in separate lanes."""
+    kernel's result on the same values to float32 rounding: the vectorized copies (D 64 and 128) add up a bfloat16
+    row's even and odd elements in separate lanes, and the compiler may vectorize (and fuse into FMAs) the plain
+    loops' two instantiations differently (bit for bit on an AVX2 build, not on an AVX-512 one)."""
     inputs, _, _ = random_case(4, 8, 4, D, 16, [300, 17, 64, 129], seed=D)
     q, k_cache, v_cache, tables, lens = inputs
     k16, v16 = k_cache.bfloat16(), v_cache.bfloat16()
@@ -107,10 +108,7 @@ def test_a_bfloat16_pool_reads_as_its_float32_copy(D, threads):
         want = kernels.paged_decode_attention(q, k16.float(), v16.float(), tables, lens)
     finally:
         torch.set_num_threads(before)
-    if D in (64, 128):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    else:
-        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # a value widened wrongly is off by far more
     with pytest.raises(ValueError, match="v_cache"):
         kernels.paged_decode_attention(q, k16, v_cache, tables, lens)  # K and V in different dtypes
 
