@@ -131,6 +131,9 @@ class ModelConfig:
             raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported (supported: {ACTIVATIONS})")
         if (act == "gelu_new") != (arch == "GPT2LMHeadModel"):  # GPT-2's MLP is ungated, the others' gated
             raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported for {arch}")
+        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):  # optional, but not 0 or "8"
+            if hf.get(key) is not None and (not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0):
+                raise ModelFormatError(f"{source}: '{key}' must be a positive integer, got {hf[key]!r}")
         num_heads = hf["num_attention_heads"]
         num_kv_heads = hf.get("num_key_value_heads") or num_heads
         if num_heads % num_kv_heads:
@@ -142,7 +145,7 @@ class ModelConfig:
 
         # transformers >= 5 writes `rope_parameters`; older configs write `rope_theta` + `rope_scaling`.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_theta = positive_number(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta", source)
         partial_rotary = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's first configs called it "su"
@@ -172,7 +175,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=positive_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
@@ -188,7 +191,7 @@ class ModelConfig:
             **(moe_fields(hf, arch, source) if ARCHITECTURES[arch].get("moe") else {}),
             partial_rotary_factor=float(partial_rotary),
             position_embedding=hf.get("position_embedding", "rope"),
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            layer_norm_eps=positive_number(hf.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon", source),
             scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
         )
 
@@ -215,6 +218,13 @@ class ModelConfig:
             if gen_cfg.get("eos_token_id") is not None:
                 cfg.eos_token_ids = eos_token_ids(gen_cfg["eos_token_id"], str(gen))
         return cfg
+
+
+def positive_number(value: Any, key: str, source: str) -> float:
+    """A config's float that must be finite and above 0 (a norm's epsilon, RoPE's base)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ModelFormatError(f"{source}: '{key}' must be a positive number, got {value!r}")
+    return float(value)
 
 
 def moe_fields(hf: dict[str, Any], arch: str, source: str) -> dict[str, Any]:

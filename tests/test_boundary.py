@@ -391,6 +391,28 @@ def test_bad_eos_token_id_in_config_is_a_model_format_error(tmp_path):
         load_model(folder)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_key_value_heads", 0),  # 0 once read as "absent", then failed on a weight's shape
+        ("head_dim", "16"),
+        ("max_position_embeddings", 0),  # once blamed the KV budget
+        ("rms_norm_eps", "x"),  # once float()'s own message, naming nothing
+        ("rms_norm_eps", -1e-6),
+        ("rope_theta", float("inf")),
+    ],
+)
+def test_a_bad_number_in_config_is_named(tmp_path, field, value):
+    folder = tmp_path / "tiny-llama"
+    shutil.copytree(MODEL, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if field == "rope_theta":  # transformers >= 5 keeps it in rope_parameters
+        cfg["rope_parameters"] = {**cfg.get("rope_parameters", {}), "rope_theta": value}
+    (folder / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ModelFormatError, match=f"config.json: '{field}' must be a positive"):
+        load_model(folder)
+
+
 # ---- 3: RoPE tables stay fp32 in half precision --------------------------------------------------------------
 
 
