@@ -130,13 +130,21 @@ class PagedAttention:
         parts = [self.decode(q[: self.num_decodes], k_cache, v_cache, spec)] if self.num_decodes else []
         for i, (chunk, table, mask) in enumerate(zip(self.layout.prefills, self.prefill_tables, self.prefill_masks)):
             rows = slice(chunk.first, chunk.first + chunk.num_tokens)
-            if mask is None:  # nothing cached before this chunk: plain causal attention on its own K/V
-                parts.append(spec_causal_attention(q[None, rows], k[None, rows], v[None, rows], spec)[0])
+            if mask is None:  # nothing cached before this chunk: plain causal attention on its own K/V, as stored
+                k_own, v_own = as_stored(k[None, rows], k_cache), as_stored(v[None, rows], v_cache)
+                parts.append(spec_causal_attention(q[None, rows], k_own, v_own, spec)[0])
             else:
                 pos = self.layout.positions[None, rows]  # (1, n)
                 mask = self.windowed(("prefill", i), mask, pos, spec)
                 parts.append(paged_attention(q[None, rows], k_cache, v_cache, table, pos, mask, self.buffers, spec)[0])
         return torch.cat(parts)[None]  # (1, N, Hq, D), rows in the layout's order
+
+
+def as_stored(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x as the pool holds it: a bfloat16 pool under a float32 model rounds K and V, and a chunk that attends to its
+    own fresh K/V must see them rounded too, or the same tokens would read differently in one chunk than in two (or
+    after a preemption) and greedy output would depend on the schedule."""
+    return x if cache.dtype == x.dtype else x.to(cache.dtype).to(x.dtype)
 
 
 class TorchPagedAttention(PagedAttention):
