@@ -107,6 +107,19 @@ def test_an_interrupted_generate_leaves_nothing_behind(alone):
     assert [o["token_ids"] for o in outs] == [alone(p, greedy()) for p in PROMPTS[3:5]]
 
 
+def test_a_released_or_unknown_request_is_a_key_error_naming_it():
+    llm = engine()
+    for params in (greedy(), SamplingParams(n=2, max_tokens=4)):  # result() of one sequence, and of candidates
+        rid = llm.add_request(PROMPTS[0], params)
+        llm.release(rid)
+        for read in (llm.output, llm.result):
+            with pytest.raises(KeyError, match=f"no request {rid}: unknown, or released"):
+                read(rid)
+    with pytest.raises(KeyError, match="no request 98765"):
+        llm.result(98765)
+    assert_idle(llm)
+
+
 def fail_sampling_for(monkeypatch, temperature):
     """The sampler raises on any batch holding a row with this (marker) temperature."""
     real = engine_module.sample

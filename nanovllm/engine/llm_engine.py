@@ -391,8 +391,8 @@ class LLMEngine:
         """A request's result; with n or best_of > 1, its best candidate's, with every returned one under "outputs"
         (the n most likely, best first)."""
         with self.lock:
-            seq = self.requests[request_id]
-            if seq.params.candidates == 1:
+            seq = self.requests.get(request_id)
+            if seq is None or seq.params.candidates == 1:  # (output() names an unknown one)
                 return self.output(request_id)
             results = [self.output(m) for m in self.groups.get(request_id, [request_id]) if m in self.requests]
             chosen = best_of(results, seq.params.n)
