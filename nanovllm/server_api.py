@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanovllm.sampling_params import MAX_LOGPROBS, SEED_END, SamplingParams
 
 # OpenAI's name -> SamplingParams' name; vLLM's extras (top_k, min_p, ...) are accepted the same way
 SAMPLING_FIELDS = {
@@ -108,18 +108,21 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
         raise APIError(400, f"unknown fields {unknown}", param=unknown[0])
     if body.get("echo"):
         raise APIError(400, "echo is not supported", param="echo")
+    check_stream(body)
     n = body.get("n", 1)
     if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
     best = best_of(body, n, chat)
-    limit = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens", 16)
+    limit = body.get("max_tokens")  # null is the default, as if absent
+    if chat and body.get("max_completion_tokens") is not None:  # chat's newer name wins
+        limit = body["max_completion_tokens"]
     options: dict[str, Any] = {
         ours: body[theirs] for theirs, ours in SAMPLING_FIELDS.items() if body.get(theirs) is not None
     }
     if limit is not None:
         options["max_tokens"] = limit
-    elif chat:
-        options["max_tokens"] = 256  # OpenAI: as long as the context allows; a bound keeps one request from hogging
+    else:  # completions: OpenAI's 16; chat: as long as the context allows in OpenAI's, here a bound that keeps
+        options["max_tokens"] = 256 if chat else 16  # one request from hogging the engine
     if isinstance(options.get("stop"), str):
         options["stop"] = [options["stop"]]
     if "logit_bias" in options:
@@ -132,12 +135,35 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
         if best is not None:  # the engine's own candidates, sharing the prompt's KV blocks; the n best come back
             return [SamplingParams(**options, n=n, best_of=best)]
         return [
-            SamplingParams(**{**options, **({"seed": seed + i} if _is_int(seed) and n > 1 else {})}) for i in range(n)
+            SamplingParams(**{**options, **({"seed": choice_seed(seed, i)} if seed is not None else {})})
+            for i in range(n)
         ]
     except (ValueError, TypeError) as e:
         names = (*SAMPLING_FIELDS, "max_tokens", "min_tokens")  # the boundary's messages start with the field's name
         param = next((f for f in names if str(e).startswith(f)), next((f for f in names if f in str(e)), None))
         raise APIError(400, str(e), param=param) from None
+
+
+def choice_seed(seed, i: int):
+    """Choice i's seed: seed + i, wrapping below 2**64 (a valid seed stays valid); a bad one is left for
+    SamplingParams to name."""
+    return (seed + i) % SEED_END if _is_int(seed) and 0 <= seed < SEED_END else seed
+
+
+def check_stream(body: dict) -> None:
+    """`stream` is a boolean; `stream_options` an object whose include_usage is a boolean (checked here: inside the
+    stream, after the 200 has gone out, a bad value could only break the connection)."""
+    for name in ("stream", "return_token_ids"):
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise APIError(400, f"{name} must be true or false, got {body[name]!r}", param=name)
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise APIError(400, f"stream_options must be an object, got {options!r}", param="stream_options")
+    if not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, f"stream_options.include_usage must be true or false, got {options['include_usage']!r}",
+                       param="stream_options")  # fmt: skip
 
 
 def logprobs(body: dict, chat: bool) -> int | None:

@@ -221,6 +221,10 @@ def test_models_health_and_metrics(server, client, llm):
         ('{"prompt": "hi", "bogus": 1}', 400, "bogus"),
         ('{"prompt": "hi", "stop": 7}', 400, "stop"),
         ('{"prompt": "hi", "seed": -3}', 400, "seed"),
+        ('{"prompt": "hi", "seed": -3, "n": 2}', 400, "seed"),
+        ('{"prompt": "hi", "stream": "true"}', 400, "stream"),  # checked before a 200 goes out
+        ('{"prompt": "hi", "stream": true, "stream_options": 5}', 400, "stream_options"),
+        ('{"prompt": "hi", "stream": true, "stream_options": {"include_usage": "yes"}}', 400, "stream_options"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_engine_carries_on(server, llm, offline, body, status, param):
@@ -232,6 +236,20 @@ def test_bad_requests_get_openai_errors_and_the_engine_carries_on(server, llm, o
     good = httpx.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 6, "temperature": 0},
                       headers=headers)  # fmt: skip
     assert good.json()["choices"][0]["text"] == offline("Once", 6) and idle(llm)
+
+
+def test_null_means_the_default_and_a_top_seed_wraps(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "Once", "max_tokens": None, "ignore_eos": True}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers).json()
+    assert r["usage"]["completion_tokens"] == 16  # OpenAI's default for completions
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": None,
+            "ignore_eos": True}  # fmt: skip
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers).json()
+    assert r["usage"]["completion_tokens"] == 5
+    body = {"prompt": "Once", "max_tokens": 3, "n": 2, "seed": 2**64 - 1}  # choice 1's seed wraps to 0
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 def test_a_prompt_longer_than_the_context(client):
