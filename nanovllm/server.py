@@ -239,6 +239,31 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         params = sampling_params(body, chat=True)
         return await run([prompt] * len(params), params, True, body)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):  # vLLM's: a prompt's token ids, counted before it is sent
+        body = await body_of(request)
+        if unknown := sorted(set(body) - {"model", "prompt", "messages"}):
+            raise APIError(400, f"unknown fields {unknown}", param=unknown[0])
+        if "messages" in body:  # rendered as /v1/chat/completions would
+            ids = chat_prompt(body, llm.tokenizer)
+        elif isinstance(body.get("prompt"), str):
+            ids = body["prompt"]
+        else:
+            raise APIError(400, "give prompt (a string) or messages", param="prompt")
+        ids = ids if isinstance(ids, list) else llm.tokenizer.encode(ids)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await body_of(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise APIError(400, "tokens must be a list of token ids", param="tokens")
+        if bad := [t for t in tokens if not 0 <= t < llm.config.vocab_size]:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {llm.config.vocab_size})",
+                           param="tokens")  # fmt: skip
+        return {"prompt": llm.tokenizer.decode(tokens)}
+
     @app.get("/v1/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "nanovllm"}

@@ -252,6 +252,34 @@ def test_null_means_the_default_and_a_top_seed_wraps(server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
+def test_tokenize_and_detokenize(server, llm):
+    """vLLM's /tokenize and /detokenize: the count is what a completion's usage reports for the same prompt (or
+    messages), and the ids decode back to the text."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path, body):
+        return httpx.post(server.url + path, json=body, headers=headers)
+
+    text, messages = "Once upon a time, a cat", [{"role": "user", "content": "Hello there"}]
+    tokens = post("/tokenize", {"prompt": text}).json()
+    used = post("/v1/completions", {"prompt": text, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    assert tokens["count"] == len(tokens["tokens"]) == used and tokens["max_model_len"] == llm.max_model_len
+    assert post("/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"].strip() == text
+    chat = post("/tokenize", {"messages": messages}).json()
+    used = post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    assert chat["count"] == used
+    for path, body, param in [
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus"),
+        ("/tokenize", {"messages": []}, "messages"),
+        ("/detokenize", {"tokens": "12"}, "tokens"),
+        ("/detokenize", {"tokens": [1, True]}, "tokens"),
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+    ]:
+        r = post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
 def test_a_prompt_longer_than_the_context(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-llama", prompt=[1] * 5000, max_tokens=4)
