@@ -40,6 +40,8 @@ def remote_replies(args) -> callable:
     """The same, through a running server's /v1/chat/completions, streamed as server-sent events."""
     import httpx
 
+    if not args.url.startswith(("http://", "https://")):  # before the first prompt, not after it
+        raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     url = args.url.rstrip("/") + "/v1/chat/completions"
 
@@ -47,19 +49,22 @@ def remote_replies(args) -> callable:
         body = {"messages": messages, "stream": True, "max_tokens": args.max_tokens, "temperature": args.temperature}
         if args.seed is not None:
             body["seed"] = args.seed
-        with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
-            if response.status_code != 200:
-                response.read()
-                raise ValueError(f"the server answered {response.status_code}: {response.text}")
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise ValueError(f"the server failed: {event['error'].get('message')}")
-                for choice in event.get("choices", []):
-                    if text := choice.get("delta", {}).get("content"):
-                        yield text
+        try:
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise ValueError(f"the server answered {response.status_code}: {response.text}")
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise ValueError(f"the server failed: {event['error'].get('message')}")
+                    for choice in event.get("choices", []):
+                        if text := choice.get("delta", {}).get("content"):
+                            yield text
+        except httpx.TransportError as e:  # not running, gone mid-answer, timed out: one line, not a traceback
+            raise ValueError(f"no answer from the server at {args.url}: {type(e).__name__}: {e}") from None
 
     return reply
 

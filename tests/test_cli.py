@@ -127,3 +127,18 @@ def test_serve_takes_its_model_once(capsys):
     with pytest.raises(SystemExit) as raised:
         main(["serve", MODEL, "--model", "/another/model"])
     assert raised.value.code == 2 and "two models named" in capsys.readouterr().err
+
+
+def test_chat_with_no_server_there_is_one_clear_line(capsys, monkeypatch):
+    import io
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--url", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanovllm: error: no answer from the server at") and err.count("\n") == 1, err
+    assert main(["chat", "--url", "127.0.0.1:8000"]) == 2  # no scheme: said before the first prompt
+    assert "--url must start with http://" in capsys.readouterr().err
