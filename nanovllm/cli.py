@@ -107,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn  # noqa: F401 (checked before the model loads)
 
+    check_can_listen(args.host, args.port)  # before a model that may take minutes to load
     name = args.served_model_name or ("default" if args.model == "default" else Path(args.model).name)
     engine = load_engine(args)
     try:
@@ -114,6 +115,24 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()  # tensor-parallel workers stop with the server
     return 0
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A port out of range, a host that does not resolve, an address in use: one line now, not uvicorn's log later."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535, got {port}")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host!r} is not an address of this machine: {e}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def chat(args: argparse.Namespace) -> int:

@@ -74,6 +74,8 @@ def test_an_unknown_option_prints_the_generate_usage(capsys):
         (["generate", "a", "--kv-cache-dtype", "fp4"], "kv_cache_dtype must be"),
         (["serve", "--model", "/no/such/folder"], "/no/such/folder"),  # `serve --model M` is `serve M`
         (["chat", "--model", "/no/such/folder"], "/no/such/folder"),
+        (["serve", "--port", "99999"], "--port must be from 0 to 65535, got 99999"),  # before the model loads
+        (["serve", "--host", "a..b"], "--host 'a..b' is not an address"),  # refused before any DNS lookup
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, argv, message):
@@ -142,3 +144,21 @@ def test_chat_with_no_server_there_is_one_clear_line(capsys, monkeypatch):
     assert err.startswith("nanovllm: error: no answer from the server at") and err.count("\n") == 1, err
     assert main(["chat", "--url", "127.0.0.1:8000"]) == 2  # no scheme: said before the first prompt
     assert "--url must start with http://" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading(capsys, monkeypatch):
+    import socket
+
+    import nanovllm
+
+    def no_loading(*args, **options):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(nanovllm, "LLM", no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", MODEL, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"nanovllm: error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
