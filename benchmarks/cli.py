@@ -61,7 +61,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "'none': no ratios)",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench_out/<model>-<time>)")
-    p.add_argument("--repeats", type=int, default=3, help="measured rounds; each runs every engine once (A B A B)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=3, help="measured rounds; each runs every engine once (A B A B)"
+    )
     p.add_argument(
         "--warmup", default="16", help="warm-up round with outputs capped at this many tokens; 'full' or 0 (none)"
     )
@@ -69,7 +71,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default), float16")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"torch threads (default: 1 on a machine with {FEW_CPUS} CPUs or fewer, else torch's own choice; "
         "use 1 on a shared machine)",
@@ -205,6 +207,14 @@ def list_all() -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """argparse's type for a count that must be at least 1 (its error then names the option)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.list:
@@ -219,14 +229,28 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
     settings.command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out or Path("bench_out") / f"{Path(args.model).name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    made_out = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # now, not after a run of many minutes
+        probe = out / ".write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return error(prog, f"cannot write results to {out}: {e.strerror or e}")
+
+    def no_results(code: int) -> int:  # leave no empty folder behind
+        if made_out and not any(out.iterdir()):
+            out.rmdir()
+        return code
+
     try:
         results = runner.run(settings)
     except (BenchError, FileNotFoundError, ModelFormatError) as e:  # a model or engine that cannot load as asked
-        return error(prog, e)
+        return no_results(error(prog, e))
     if not results["engines"]:
         why = "; ".join(f"{k}: {v}" for k, v in results["skipped"].items()) or "no engine ran"
         print(f"{prog}: nothing was measured ({why})", file=sys.stderr)
-        return 1
+        return no_results(1)
     print(report.render(results))
     report.write_json(results, out)
     report.write_table(results, out)
@@ -235,6 +259,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     return 0
 
 
-def error(prog: str, e: BaseException) -> int:
+def error(prog: str, e: BaseException | str) -> int:
     print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2

@@ -311,8 +311,14 @@ class ChapterEngine(Engine):
         self.name, self.package, self.SamplingParams = name, package, mod.SamplingParams
         accepted = inspect.signature(mod.LLM).parameters
         common = {k: v for k, v in (shared or {}).items() if k in accepted and v is not None}
+        if unknown := sorted(set(chapter_options) - set(accepted)):
+            takes = ", ".join(k for k in accepted if k not in ("self", "model"))
+            raise BenchError(f"engine {name!r}: {package}.LLM takes no option {unknown[0]!r} (it takes: {takes})")
         self.options = {**common, **chapter_options}
-        self.llm = mod.LLM(str(model.path), **{"dtype": dtype, "device": device, "seed": 0, **self.options})
+        try:
+            self.llm = mod.LLM(str(model.path), **{"dtype": dtype, "device": device, "seed": 0, **self.options})
+        except (TypeError, ValueError) as e:  # an option's value the engine refuses, in the engine's words
+            raise BenchError(f"engine {name!r}: {e}") from None
         self.streams = stream and all(hasattr(self.llm, a) for a in ("add_request", "step", "has_unfinished"))
         model = getattr(self.llm, "model", None)
         self.passes = ForwardCounter(model) if isinstance(model, torch.nn.Module) else None

@@ -41,6 +41,38 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, says, capsys, no_shared, 
     assert not list(tmp_path.iterdir()), "nothing written"
 
 
+@pytest.mark.parametrize(
+    "engine, says",
+    [
+        ("ch07[bogus=1]", "engine 'ch07': chapters.ch07_quantization.LLM takes no option 'bogus'"),
+        ("ch01[max_num_seqs=4]", "takes no option 'max_num_seqs' (it takes: dtype, device, max_model_len, seed)"),
+        ("ch07[max_num_seqs=x]", "engine 'ch07': max_num_seqs must be an integer"),  # the engine's own words
+    ],
+)
+def test_an_engine_option_it_refuses_is_one_line_at_loading(engine, says, capsys, tmp_path):
+    assert cli.main(["--model", str(TINY), "--engines", engine, *QUICK, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"loading {engine} ..." and len(err) == 2, err
+    assert err[1].startswith("python -m benchmarks: error: ") and says in err[1], err
+
+
+@pytest.mark.parametrize("option", ["--repeats", "--threads"])
+def test_a_count_below_one_is_argparses_error(option, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--model", str(TINY), option, "0"])
+    assert raised.value.code == 2 and f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_said_before_the_run(capsys, monkeypatch, tmp_path):
+    def never(settings):
+        raise AssertionError("the benchmark ran before its output folder was checked")
+
+    monkeypatch.setattr(runner, "run", never)
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["--model", str(TINY), *QUICK, "--out", str(tmp_path / "a-file" / "results")]) == 2
+    assert "error: cannot write results to" in capsys.readouterr().err
+
+
 def test_bad_engine_from_the_shell_prints_no_traceback():
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--model", str(TINY), "--engines", "ch09"],
