@@ -489,6 +489,22 @@ def test_a_bfloat16_kv_cache_reads_the_same_in_one_chunk_or_many(backend):
         assert moved[len(moved) // 2] < 1e-4, moved[len(moved) // 2]  # the median: a rare bfloat16 tie may flip
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_bfloat16_model_runs_on_the_cpu_kernels(quantization):
+    """dtype='bfloat16' on the CPU: the C attention kernel widens q to float32 and narrows its output, and the decode
+    kernels (float32 only) stand aside, also when every linear layer is quantized (once, both raised on the first
+    decode step). Greedy tokens start as the float32 engine's."""
+    from nanovllm import LLM
+
+    prompts = ["Once upon a time", "The cat sat", "Hello there", "A big red dog"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    half = LLM(MODEL, dtype="bfloat16", quantization=quantization)
+    assert half.runner.attention.name == "c"
+    got = [o["token_ids"] for o in half.generate(prompts, params, use_tqdm=False)]
+    want = [o["token_ids"] for o in LLM(MODEL, quantization=quantization).generate(prompts, params, use_tqdm=False)]
+    assert all(len(g) == 8 for g in got) and sum(g[0] == w[0] for g, w in zip(got, want)) >= 3
+
+
 def test_kv_cache_dtype_names_its_choices():
     from nanovllm import LLM
     from nanovllm.engine.tensor_parallel import kv_cache_dtype

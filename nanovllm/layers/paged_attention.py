@@ -204,10 +204,11 @@ class CDecodeAttention(KernelDecodeAttention):
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec | None = None
     ) -> torch.Tensor:
         spec = spec or AttentionSpec()
-        return paged_decode_attention(
-            q.contiguous(), k_cache, v_cache, self.tables, self.context_lens,
+        out = paged_decode_attention(  # the kernel computes in float32: a bfloat16 model's q is widened, out narrowed
+            q.float().contiguous(), k_cache, v_cache, self.tables, self.context_lens,
             scale=spec.scale, window=spec.window, softcap=spec.softcap,
         )  # fmt: skip
+        return out.to(q.dtype)
 
     @staticmethod
     def unavailable(pool) -> str | None:

@@ -132,8 +132,8 @@ def use_decode_kernels_(model: nn.Module, enabled: bool, max_rows: int) -> bool:
 
     if not enabled and getattr(model, "decode_plan", None) is not None:
         model.decode_plan = None  # the replayed step calls the same kernels: it goes with them
-    weight = next(model.parameters(), None)
-    enabled = enabled and weight is not None and weight.device.type == "cpu"
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)  # (a quantized layer's are int)
+    enabled = enabled and weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
     enabled = enabled and decode_ops.decode_ops_unavailable() is None
     for m in model.modules():
         if isinstance(m, RMSNorm) and not m.plus_one and m.weight.dtype == torch.float32:
