@@ -152,5 +152,9 @@ def test_bad_quantization_names_the_choices():
 
     with pytest.raises(ValueError, match="quantization must be"):
         LLM(str(TINY_MODELS / "tiny-llama"), quantization="int3")
-    with pytest.raises(ValueError, match="multiple of 128"):
+    with pytest.raises(ValueError, match="multiple of 128: choose a smaller group"):
         LLM("default", quantization="int4-g128")  # hidden 192 is no multiple of 128
+    from nanovllm.layers.quantization import QuantLinear
+
+    with pytest.raises(ValueError, match="multiple of 32: no INT4 group fits; use int8"):  # no smaller group to name
+        QuantLinear(torch.nn.Linear(48, 8), "int4", 32)

@@ -96,9 +96,13 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         self.scheme, self.group_size = scheme, group_size
         if scheme == "int4" and self.in_features % group_size:
+            advice = (  # under tensor parallelism in_features is one rank's shard: fewer ranks, wider shards
+                "choose a smaller group (int4-g32 is the smallest)" if group_size > min(INT4_GROUP_SIZES)
+                else "no INT4 group fits; use int8 (or, under tensor parallelism, fewer ranks)"
+            )  # fmt: skip
             raise ValueError(
                 f"INT4 with groups of {group_size} needs in_features ({self.in_features}) to be a multiple of "
-                f"{group_size}: choose a smaller group (int4-g32 is the smallest)"
+                f"{group_size}: {advice}"
             )
         if scheme == "int8":  # row_max: the whole rows' largest magnitudes, for a row-parallel rank's columns
             q, s = quantize_int8(w, None if row_max is None else row_max(w.float().abs().amax(dim=1)))
