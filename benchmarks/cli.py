@@ -126,6 +126,12 @@ def parse_sweep(text: str) -> tuple[str, str, list[Any]]:
     return engine, key, values
 
 
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def default_threads(log=lambda m: print(m, file=sys.stderr)) -> int | None:
     """1 on a machine with few CPUs (said in the output), else None (torch's own choice)."""
     cpus = os.cpu_count() or 1
@@ -162,7 +168,18 @@ def settings_from_args(args: argparse.Namespace, log=lambda m: print(m, file=sys
     sweeps = {}
     for text in args.sweep:
         engine, key, values = parse_sweep(text)
+        if engine not in engines:  # it would be silently left out of the run
+            raise BenchError(f"--sweep {text!r}: {engine} is not among --engines ({', '.join(engines)})")
+        if not values:
+            raise BenchError(f"--sweep {text!r} gives no values")
         sweeps[engine] = (key, values)
+    runs = [n for n in engines if n not in sweeps] + [f"{n}[{k}={v}]" for n, (k, vs) in sweeps.items() for v in vs]
+    if args.baseline is not None and args.baseline.lower() != "none" and canonical_name(args.baseline) not in runs:
+        raise BenchError(f"--baseline {args.baseline} is none of the engines run ({', '.join(runs)}), nor 'none'")
+    if args.kv_cache_memory is not None and not args.kv_cache_memory >= 1:
+        raise BenchError(f"--kv-cache-memory must be a number of bytes >= 1, got {args.kv_cache_memory}")
+    if args.device.startswith("cuda") and not torch_has_cuda():
+        raise BenchError(f"--device {args.device}: no CUDA device here (this torch build or machine has none)")
     workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
     if args.batch_sizes:
         workloads += [f"batch-{int(b)}" for b in args.batch_sizes.split(",") if b.strip()]

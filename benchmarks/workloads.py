@@ -40,7 +40,18 @@ class WorkloadSpec:
                 raise ValueError(f"unknown workload option {key!r}")
             if key in ("prompt_len", "output_len") and isinstance(value, int):
                 value = (value, value)
-            fixed[key] = tuple(value) if isinstance(value, list) else value
+            value = tuple(value) if isinstance(value, list) else value
+            if key in ("prompt_len", "output_len"):
+                if not (isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value)
+                        and 1 <= value[0] <= value[1]):  # fmt: skip
+                    raise ValueError(
+                        f"workload option {key} must be N or (LOW, HIGH) with 1 <= LOW <= HIGH, got {value!r}"
+                    )
+            elif type(value) is not int or value < (1 if key == "num_requests" else 0):
+                raise ValueError(
+                    f"workload option {key} must be an integer >= {int(key == 'num_requests')}, got {value!r}"
+                )
+            fixed[key] = value
         return replace(self, **fixed)
 
 

@@ -32,6 +32,15 @@ def no_shared(monkeypatch, tmp_path):
         (["--model", str(TINY), "--engines", "ch04@no-such-ref-x"], "@no-such-ref-x: no such commit"),
         (["--model", "stories260k"], "model stories260k needs the shared folder beside this clone"),
         (["--model", str(TINY), "--engine-opt", "ch01=3"], "is not ENGINE:KEY=VALUE"),
+        (
+            ["--model", str(TINY), "--engines", "ch01", "--sweep", "ch04:max_num_seqs=2,4"],
+            "ch04 is not among --engines",
+        ),
+        (["--model", str(TINY), "--engines", "ch04", "--sweep", "ch04:max_num_seqs="], "gives no values"),
+        (["--model", str(TINY), "--engines", "ch01", "--baseline", "ch02"], "--baseline ch02 is none of the engines"),
+        (["--model", str(TINY), "--workload-opt", "num_requests=0"], "num_requests must be an integer >= 1, got 0"),
+        (["--model", str(TINY), "--workload-opt", "prompt_len=(64,16)"], "prompt_len must be N or (LOW, HIGH)"),
+        (["--model", str(TINY), "--kv-cache-memory", "-5"], "--kv-cache-memory must be a number of bytes >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(argv, says, capsys, no_shared, tmp_path):
