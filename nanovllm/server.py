@@ -25,9 +25,10 @@ from nanovllm.server_api import (
     check_model,
     completion_prompts,
     finish_reason,
+    prompt_only,
     sampling_params,
 )
-from nanovllm.server_logprobs import LogprobWriter, prompt_logprobs_of, records_of
+from nanovllm.server_logprobs import LogprobWriter, echo_logprobs, prompt_logprobs_of, records_of
 from nanovllm.server_metrics import Metrics
 
 log = logging.getLogger("nanovllm.server")
@@ -207,19 +208,28 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
             for rid, _ in submitted:  # a request not waited to its end (an error, a disconnect) is aborted too
                 engine.release(rid)
         choices, prompt_logprobs = [], None
-        for result in results:
-            prompt_logprobs = prompt_logprobs_of(llm.tokenizer, result["prompt_ids"], result)  # vLLM's extra
+        echo, scoring = bool(body.get("echo")), prompt_only(body)  # (checked with the sampling parameters)
+        for prompt, result in zip(prompts, results):
+            if body.get("prompt_logprobs") is not None:  # vLLM's extra (echo asks the engine for them too)
+                prompt_logprobs = prompt_logprobs_of(llm.tokenizer, result["prompt_ids"], result)
             for r in result.get("outputs", [result]):  # best_of: the n most likely candidates, best first
                 if r["finish_reason"] == "error":
                     raise APIError(500, "generation failed inside the engine", "server_error")
+                kept = 0 if scoring else len(r["token_ids"])  # echo of the prompt alone: the one token made goes
                 writer = LogprobWriter(llm.tokenizer, result["prompt_ids"], chat) if logprobs else None
-                lp = writer.write(r["token_ids"], records_of(r)) if writer else None
-                choice = {"index": len(choices), "logprobs": lp, "finish_reason": finish_reason(r["finish_reason"])}
-                choice |= {"message": {"role": "assistant", "content": r["text"]}} if chat else {"text": r["text"]}
+                lp = writer.write(r["token_ids"][:kept], records_of(r)[:kept]) if writer else None
+                text, reason = (r["text"], finish_reason(r["finish_reason"])) if not scoring else ("", "length")
+                if echo:
+                    echoed = prompt if isinstance(prompt, str) else llm.tokenizer.decode(result["prompt_ids"])
+                    k = params[0].logprobs
+                    lp = echo_logprobs(writer, result["prompt_ids"], result, lp, k, len(echoed)) if writer else None
+                    text = echoed + text
+                choice = {"index": len(choices), "logprobs": lp, "finish_reason": reason}
+                choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
                 if prompt_logprobs is not None and not chat:  # vLLM: on each completions choice
                     choice["prompt_logprobs"] = prompt_logprobs
                 choices.append(choice)
-        completion_tokens = sum(r["completion_tokens"] for r in results)
+        completion_tokens = 0 if scoring else sum(r["completion_tokens"] for r in results)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         usage["total_tokens"] = prompt_tokens + completion_tokens
         extra = {"prompt_logprobs": prompt_logprobs} if chat and prompt_logprobs is not None else {}  # vLLM: top level

@@ -106,8 +106,7 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
     unknown = sorted(set(body) - set(SAMPLING_FIELDS) - IGNORED)
     if unknown:
         raise APIError(400, f"unknown fields {unknown}", param=unknown[0])
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported", param="echo")
+    echo = echo_of(body, chat)
     check_stream(body)
     n = body.get("n", 1)
     if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
@@ -130,6 +129,13 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
     if options.get("prompt_logprobs") is not None and body.get("stream"):
         raise APIError(400, "prompt_logprobs cannot be streamed", param="prompt_logprobs")
     options["logprobs"] = logprobs(body, chat)
+    if not echo and _is_int(options["max_tokens"]) and options["max_tokens"] == 0:
+        raise APIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt, scored, alone)", param="max_tokens")
+    if echo:  # the prompt comes back too: with logprobs, its tokens' (the engine's prompt logprobs)
+        if _is_int(options["max_tokens"]) and options["max_tokens"] == 0:
+            options["max_tokens"] = 1  # the prompt alone (scoring it): the one token made is dropped by the server
+        if options["logprobs"] is not None:
+            options["prompt_logprobs"] = max(options["logprobs"], options.get("prompt_logprobs") or 0)
     seed = options.get("seed")
     try:
         if best is not None:  # the engine's own candidates, sharing the prompt's KV blocks; the n best come back
@@ -142,6 +148,26 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
         names = (*SAMPLING_FIELDS, "max_tokens", "min_tokens")  # the boundary's messages start with the field's name
         param = next((f for f in names if str(e).startswith(f)), next((f for f in names if f in str(e)), None))
         raise APIError(400, str(e), param=param) from None
+
+
+def echo_of(body: dict, chat: bool) -> bool:
+    """Completions' echo: the prompt's text before each choice's (and, with logprobs, the prompt tokens' logprobs
+    before the completion's). max_tokens 0 then scores the prompt alone, as evaluation harnesses ask."""
+    echo = body.get("echo")
+    if echo is None or echo is False:
+        return False
+    if not isinstance(echo, bool):
+        raise APIError(400, f"echo must be true or false, got {echo!r}", param="echo")
+    if chat:
+        raise APIError(400, "echo is a completions parameter", param="echo")
+    if body.get("stream"):
+        raise APIError(400, "echo cannot be streamed here", param="echo")
+    return True
+
+
+def prompt_only(body: dict) -> bool:
+    """echo with max_tokens 0: the prompt, scored, and no completion."""
+    return body.get("echo") is True and _is_int(body.get("max_tokens")) and body["max_tokens"] == 0
 
 
 def choice_seed(seed, i: int):

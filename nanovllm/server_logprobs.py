@@ -84,3 +84,31 @@ def prompt_logprobs_of(tokenizer: Tokenizer, prompt_ids: list[int], result: dict
             found.setdefault(str(alt), {"logprob": alt_lp, "decoded_token": tokenizer.decode([alt])})
         out.append(found)
     return out
+
+
+def echo_logprobs(
+    writer: LogprobWriter, prompt_ids: list[int], result: dict, completion: dict, k: int, shift: int
+) -> dict:
+    """Completions' logprobs with echo: the prompt's tokens first (the first has none: null, as OpenAI gives it),
+    each with its k most likely alternatives, then the completion's, whose text offsets move past the echoed prompt
+    (`shift` characters)."""
+    entries = result["prompt_logprobs"]  # [None, {"logprob", "top"}, ...], k or more alternatives each
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    detokenizer = IncrementalDetokenizer(writer.tokenizer, [])
+    for i, token in enumerate(prompt_ids):
+        out["tokens"].append(writer.token(token))
+        out["text_offset"].append(len(detokenizer.text))
+        detokenizer.add([token])
+        if i == 0:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(entries[i]["logprob"])
+        alternatives: dict[str, float] = {}
+        for alt, alt_lp in entries[i]["top"][:k]:  # (the engine kept as many as prompt_logprobs asked, if more)
+            alternatives.setdefault(writer.token(alt), alt_lp)
+        out["top_logprobs"].append(alternatives)
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
+        out[key] += completion[key]
+    out["text_offset"] += [shift + offset for offset in completion["text_offset"]]
+    return out

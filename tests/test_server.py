@@ -280,6 +280,36 @@ def test_tokenize_and_detokenize(server, llm):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
+def test_echo_returns_the_prompt_and_scores_it(server, offline, llm):
+    """Completions' echo: the prompt's text before the completion's; with logprobs, the prompt tokens' logprobs (the
+    engine's prompt_logprobs; the first is null) before the completion's; max_tokens 0 scores the prompt alone, as
+    evaluation harnesses ask (echo, logprobs, max_tokens 0)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    prompt = "Once upon a time"
+    body = {"prompt": prompt, "echo": True, "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=headers).json()
+    choice = r["choices"][0]
+    assert choice["text"] == prompt + offline(prompt, 4)
+    from nanovllm import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=4, logprobs=1, prompt_logprobs=1)
+    want = offline.engine.generate([prompt], greedy, use_tqdm=False)[0]
+    lp = choice["logprobs"]
+    n_prompt = r["usage"]["prompt_tokens"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:n_prompt] == [e["logprob"] for e in want["prompt_logprobs"][1:]]
+    assert lp["token_logprobs"][n_prompt:] == [e["logprob"] for e in want["logprobs"]]
+    assert len(lp["tokens"]) == n_prompt + 4 and all(len(t) <= 1 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][n_prompt] == len(prompt)
+    scored = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 0}, headers=headers).json()
+    assert scored["choices"][0]["text"] == prompt and scored["usage"]["completion_tokens"] == 0
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][:n_prompt]
+    for bad, param in (({"stream": True}, "echo"), ({"echo": "yes"}, "echo"), ({"echo": False, "max_tokens": 0},
+                       "max_tokens")):  # fmt: skip
+        reply = httpx.post(server.url + "/v1/completions", json={**body, **bad}, headers=headers)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
 def test_a_prompt_longer_than_the_context(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-llama", prompt=[1] * 5000, max_tokens=4)
