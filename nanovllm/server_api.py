@@ -74,9 +74,10 @@ def chat_prompt(body: dict, tokenizer) -> str | list[int]:
     hf = getattr(tokenizer, "tok", None)
     if hf is not None and getattr(hf, "chat_template", None):
         try:
-            return list(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+            rendered = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
         except Exception as e:  # a template that rejects these messages (e.g. roles out of order)
             raise APIError(400, f"the model's chat template rejects these messages: {e}", param="messages") from None
+        return list(rendered["input_ids"])  # asked as a dict: transformers 5 returns one by default, 4 did not
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 

@@ -176,6 +176,50 @@ def test_a_bug_is_a_500_in_openais_shape_and_the_server_carries_on(server, offli
     assert good.json()["choices"][0]["text"] == offline("Once", 6)
 
 
+TEMPLATE = (  # a chat template of the usual kind, which refuses a system message after the first
+    "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message must come first') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_models_chat_template_renders_the_messages(tmp_path):
+    """A model whose tokenizer has a chat template: the messages are its rendering, token for token what the
+    template's text tokenizes to (transformers 5 returns a dict from apply_chat_template; read as a list, that was
+    its two key names), in the server's answers, in /tokenize and in `nanovllm chat`'s prompts."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.server import create_app
+    from nanovllm.server_api import chat_prompt
+
+    folder = tmp_path / "tiny-chat"
+    shutil.copytree(MODEL, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    llm = LLM(str(folder))
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts}]
+    hf = AutoTokenizer.from_pretrained(folder)
+    text = hf.apply_chat_template([messages[0], {"role": "user", "content": "Hello\nthere"}], tokenize=False,
+                                  add_generation_prompt=True)  # fmt: skip
+    assert text == "<|system|>Be brief.\n<|user|>Hello\nthere\n<|assistant|>"
+    want = hf(text, add_special_tokens=False)["input_ids"]
+    assert chat_prompt({"messages": messages}, llm.tokenizer) == want
+    greedy = llm.generate([want], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]["text"]
+    with TestClient(create_app(llm, "tiny-chat")) as http:
+        r = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0})
+        assert r.json()["choices"][0]["message"]["content"] == greedy
+        assert r.json()["usage"]["prompt_tokens"] == len(want)
+        assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == want
+        late = [*messages, {"role": "system", "content": "late"}]
+        r = http.post("/v1/chat/completions", json={"messages": late})
+        assert r.status_code == 400 and "a system message must come first" in r.json()["error"]["message"]
+
+
 def test_n_stop_and_seeds(client, offline):
     r = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=0, n=3)
     assert len(r.choices) == 3 and len({c.text for c in r.choices}) == 1 and r.choices[0].text == offline("Once", 8)
