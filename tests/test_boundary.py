@@ -382,6 +382,42 @@ def test_bad_generation_config_names_the_file(tmp_path, text, message):
         load_model(folder)
 
 
+def shard(folder, extra: dict | None = None) -> None:
+    """Split the folder's model.safetensors in two files with an index, as big checkpoints come."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, folder / file)
+        weight_map |= {n: file for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for file, more in (extra or {}).items():
+        save_file(more, folder / file)
+
+
+def test_a_sharded_checkpoint_reads_the_files_its_index_names(tmp_path):
+    """Shards and an index: only the files the index maps tensors to are read (a repository may ship other weights
+    beside them: Mistral's consolidated.safetensors, whose names made the folder unreadable)."""
+    from nanovllm import LLM
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(MODEL, folder)
+    shard(folder, {"consolidated.safetensors": {"layers.0.attention.wq.weight": torch.zeros(4, 4)}})
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    want = LLM(MODEL).generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"]
+    assert LLM(str(folder)).generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"] == want
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match="index.json maps tensors to model-00002-of-00002.safetensors, which is"):
+        load_model(folder)
+    (folder / "model.safetensors.index.json").write_text('{"weights": {}}')
+    with pytest.raises(ModelFormatError, match="not a safetensors index"):
+        load_model(folder)
+
+
 def test_bad_eos_token_id_in_config_is_a_model_format_error(tmp_path):
     folder = tmp_path / "tiny-llama"
     shutil.copytree(MODEL, folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,9 +115,7 @@ def read_safetensors(folder: Path, prepare: TensorMap | None = None, sliced: boo
     """Every tensor of the folder's safetensors files, each passed through `prepare` as it is read ({name: tensor}
     in, what to keep out): renamed, split, or cut to a tensor-parallel rank's slice before the next one is read.
     sliced: `prepare` gets CheckpointSlices and reads what it keeps (a rank's rows or columns) itself."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"{folder}: no *.safetensors weight files")
+    files = safetensors_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -127,6 +126,27 @@ def read_safetensors(folder: Path, prepare: TensorMap | None = None, sliced: boo
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFormatError(f"{f}: unreadable safetensors file ({e})") from e
     return tensors
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's files: those its index (model.safetensors.index.json) maps tensors to, when it has one (a
+    repository may ship other weights beside them, such as Mistral's consolidated.safetensors); else every one."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelFormatError(f"{folder}: no *.safetensors weight files")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFormatError(f"{index}: not a safetensors index (a JSON object with a weight_map): {e!r}") from e
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise ModelFormatError(f"{index} maps tensors to {missing[0]}, which is not in the folder")
+    if not files:
+        raise ModelFormatError(f"{index}: its weight_map names no file")
+    return files
 
 
 def find_llama2c(path: Path) -> tuple[Path, Path] | None:
