@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default="default",
-        help="'default' (ships with nano-vLLM), a Hugging Face model folder, or a llama2.c .bin",
+        help="'default' (ships with nano-vLLM), a Hugging Face model folder or hub id (org/name), or a llama2.c .bin",
     )
     gen.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt")
     gen.add_argument(
@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     engine_options(gen)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra: fastapi, uvicorn)")
-    srv.add_argument("model", nargs="?", default="default", help="'default', a Hugging Face folder or a llama2.c .bin")
+    srv.add_argument(
+        "model", nargs="?", default="default", help="'default', a Hugging Face folder or hub id, a llama2.c .bin"
+    )
     srv.add_argument(
         "--model", dest="model_option", default=None, help="the model, named as an option (as vLLM allows)"
     )

@@ -545,3 +545,30 @@ def test_a_context_longer_than_the_models_is_refused(chapter):
     assert llm_class(MODEL, max_model_len=model_context).max_model_len == model_context
     assert llm_class(MODEL, max_model_len=32).max_model_len == 32
     assert llm_class(MODEL).max_model_len == model_context
+
+
+def test_a_hub_id_is_downloaded_once_and_loaded(monkeypatch):
+    """LLM('org/name') where no such path exists: the model comes from the Hugging Face hub's cache (downloaded
+    there once). No hub in tests: snapshot_download is replaced by one that hands back a local folder."""
+    import huggingface_hub
+
+    from nanovllm import LLM
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None):
+        asked.append((repo_id, allow_patterns))
+        if repo_id == "someone/missing":
+            raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error: Repository Not Found")
+        return MODEL
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    want = LLM(MODEL).generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"]
+    assert LLM("someone/tiny-llama").generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"] == want
+    assert asked[0][0] == "someone/tiny-llama" and "*.safetensors" in asked[0][1] and "*.bin" not in asked[0][1]
+    with pytest.raises(FileNotFoundError, match="'someone/missing' is no file or folder here, and the Hugging Face"):
+        LLM("someone/missing")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        LLM("not/a/hub/id")  # two slashes: a path, never the hub
+    assert len(asked) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,10 +185,30 @@ def model_path(model: str | os.PathLike) -> Path:
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a path or a short name such as 'default', got {model!r}")
     path = SHORT_NAMES.get(str(model), Path(model))
+    if not path.exists() and HUB_ID.fullmatch(str(model)):
+        return hub_snapshot(str(model))
     if not path.exists():
-        hint = " (short names: " + ", ".join(SHORT_NAMES) + ")"
+        hint = " (short names: " + ", ".join(SHORT_NAMES) + "; or a Hugging Face hub id, org/name)"
         raise FileNotFoundError(f"model {str(model)!r} not found: no such file or folder{hint}")
     return path
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # org/name, and no such path here
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]  # what loading reads (not .bin, .pt)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hugging Face hub model, as vLLM takes one: downloaded once into the hub's own cache (only what loading
+    reads), then read from there, also offline. Not in tests: they build their models or read ../shared."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline and not cached, no such repository, a gated one without a token, ...
+        raise FileNotFoundError(
+            f"model {repo_id!r} is no file or folder here, and the Hugging Face hub did not give it: "
+            f"{type(e).__name__}: {' '.join(str(e).split())}"
+        ) from None
 
 
 def check_splits(model: str | os.PathLike, size: int) -> None:
