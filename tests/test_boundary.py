@@ -567,8 +567,12 @@ def test_a_hub_id_is_downloaded_once_and_loaded(monkeypatch):
     want = LLM(MODEL).generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"]
     assert LLM("someone/tiny-llama").generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"] == want
     assert asked[0][0] == "someone/tiny-llama" and "*.safetensors" in asked[0][1] and "*.bin" not in asked[0][1]
+    assert len(asked) == 1  # once, though the engine and its loader both resolve the name
+    two_ranks = LLM("someone/tiny-llama", tensor_parallel_size=2)  # the workers, not patched, get the local folder
+    assert two_ranks.generate(["Once upon"], greedy, use_tqdm=False)[0]["token_ids"] == want and len(asked) == 2
+    two_ranks.shutdown()
     with pytest.raises(FileNotFoundError, match="'someone/missing' is no file or folder here, and the Hugging Face"):
         LLM("someone/missing")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         LLM("not/a/hub/id")  # two slashes: a path, never the hub
-    assert len(asked) == 2
+    assert len(asked) == 3

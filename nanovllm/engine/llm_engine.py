@@ -39,7 +39,7 @@ from nanovllm.layers.paged_attention import BACKENDS
 from nanovllm.layers.quantization import weight_bytes
 from nanovllm.layers.sampler import SamplingBatch, sample
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.loader import check_splits
+from nanovllm.utils.loader import check_splits, model_path
 
 
 @dataclass
@@ -123,6 +123,7 @@ class LLMEngine:
             quantize_lm_head=quantize_lm_head,
             tensor_parallel_size=tensor_parallel_size,
         )
+        model = model_path(model)  # a hub id is fetched here, once: every rank then reads the same local folder
         load = dict(dtype=dtype, device=device, fuse_projections=fuse_projections, quantization=quantization)
         load["quantize_lm_head"] = quantize_lm_head
         pool = dict(block_size=block_size, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
