@@ -116,24 +116,18 @@ class ModelConfig:
             )
         if arch == "GPT2LMHeadModel":
             hf = gpt2_config(hf, source)
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        ):
-            if not isinstance(hf.get(key), int) or hf[key] <= 0:
-                raise ModelFormatError(f"{source}: '{key}' must be a positive integer, got {hf.get(key)!r}")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # absent is fine; 0 or "8" is not
+        for key in required + optional:
+            value = hf.get(key)
+            if (value is not None or key in required) and (type(value) is not int or value <= 0):
+                raise ModelFormatError(f"{source}: '{key}' must be a positive integer, got {value!r}")
         # Gemma's configs name the MLP's activation `hidden_activation` (their `hidden_act` is an older field)
         act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported (supported: {ACTIVATIONS})")
         if (act == "gelu_new") != (arch == "GPT2LMHeadModel"):  # GPT-2's MLP is ungated, the others' gated
             raise ModelFormatError(f"{source}: hidden_act {act!r} is not supported for {arch}")
-        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):  # optional, but not 0 or "8"
-            if hf.get(key) is not None and (not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] <= 0):
-                raise ModelFormatError(f"{source}: '{key}' must be a positive integer, got {hf[key]!r}")
         num_heads = hf["num_attention_heads"]
         num_kv_heads = hf.get("num_key_value_heads") or num_heads
         if num_heads % num_kv_heads:

@@ -254,13 +254,13 @@ def create_app(llm: LLMEngine, model_name: str, api_key: str | None = None):
         body = await body_of(request)
         if unknown := sorted(set(body) - {"model", "prompt", "messages"}):
             raise APIError(400, f"unknown fields {unknown}", param=unknown[0])
-        if "messages" in body:  # rendered as /v1/chat/completions would
-            ids = chat_prompt(body, llm.tokenizer)
+        if "messages" in body:  # rendered as /v1/chat/completions would: ids, or the plain fallback's text
+            prompt = chat_prompt(body, llm.tokenizer)
         elif isinstance(body.get("prompt"), str):
-            ids = body["prompt"]
+            prompt = body["prompt"]
         else:
             raise APIError(400, "give prompt (a string) or messages", param="prompt")
-        ids = ids if isinstance(ids, list) else llm.tokenizer.encode(ids)
+        ids = prompt if isinstance(prompt, list) else llm.tokenizer.encode(prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
 
     @app.post("/detokenize")

@@ -130,13 +130,13 @@ def sampling_params(body: dict, chat: bool) -> list[SamplingParams]:
     if options.get("prompt_logprobs") is not None and body.get("stream"):
         raise APIError(400, "prompt_logprobs cannot be streamed", param="prompt_logprobs")
     options["logprobs"] = logprobs(body, chat)
-    if not echo and _is_int(options["max_tokens"]) and options["max_tokens"] == 0:
-        raise APIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt, scored, alone)", param="max_tokens")
-    if echo:  # the prompt comes back too: with logprobs, its tokens' (the engine's prompt logprobs)
-        if _is_int(options["max_tokens"]) and options["max_tokens"] == 0:
-            options["max_tokens"] = 1  # the prompt alone (scoring it): the one token made is dropped by the server
-        if options["logprobs"] is not None:
-            options["prompt_logprobs"] = max(options["logprobs"], options.get("prompt_logprobs") or 0)
+    if _is_int(options["max_tokens"]) and options["max_tokens"] == 0:
+        if not echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt, scored, alone)",
+                           param="max_tokens")  # fmt: skip
+        options["max_tokens"] = 1  # the prompt alone (prompt_only): the one token made is dropped by the server
+    if echo and options["logprobs"] is not None:  # the prompt's tokens come back with theirs too
+        options["prompt_logprobs"] = max(options["logprobs"], options.get("prompt_logprobs") or 0)
     seed = options.get("seed")
     try:
         if best is not None:  # the engine's own candidates, sharing the prompt's KV blocks; the n best come back
