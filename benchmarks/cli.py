@@ -144,7 +144,7 @@ def default_threads(log=lambda m: print(m, file=sys.stderr)) -> int | None:
 def settings_from_args(args: argparse.Namespace, log=lambda m: print(m, file=sys.stderr)):
     """The run's Settings; a BenchError (or ValueError, FileNotFoundError) in one line for anything that does not
     exist here, before any model is built or engine loaded."""
-    from benchmarks.runner import Settings
+    from benchmarks.runner import Settings, variant_name
 
     check_model(args.model)
     engines = [canonical_name(e) for e in split_top_level(args.engines)]  # commas inside ENGINE[...] stay
@@ -173,7 +173,9 @@ def settings_from_args(args: argparse.Namespace, log=lambda m: print(m, file=sys
         if not values:
             raise BenchError(f"--sweep {text!r} gives no values")
         sweeps[engine] = (key, values)
-    runs = [n for n in engines if n not in sweeps] + [f"{n}[{k}={v}]" for n, (k, vs) in sweeps.items() for v in vs]
+    runs = [n for n in engines if n not in sweeps] + [
+        variant_name(n, k, v) for n, (k, vs) in sweeps.items() for v in vs
+    ]
     if args.baseline is not None and args.baseline.lower() != "none" and canonical_name(args.baseline) not in runs:
         raise BenchError(f"--baseline {args.baseline} is none of the engines run ({', '.join(runs)}), nor 'none'")
     if args.kv_cache_memory is not None and not args.kv_cache_memory >= 1:
